@@ -1,0 +1,51 @@
+# reptile_gen — every target installs what it needs into .venv first.
+# CPU machines get the CPU torch wheel (pinned, so pip never pulls a multi-GB CUDA build).
+# GPU machines: make install TORCH_SPEC="torch==2.13.0" TORCH_INDEX=https://download.pytorch.org/whl/cu126 EXTRAS=dev,data,slurm,vision
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+EXTRAS ?= dev,data,slurm
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test test-full bench lint format clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the package (torch pinned, CPU wheel by default)
+
+train: $(STAMP) ## run the main job (offline default); extra Hydra overrides via ARGS="..."
+	$(PY) -m reptile_gen.train $(ARGS)
+
+test: $(STAMP) ## the CI suite (fast; slow tests excluded)
+	$(PY) -m pytest -q $(ARGS)
+
+test-full: $(STAMP) ## every test, slow ones included
+	$(PY) -m pytest -q -m "" $(ARGS)
+
+bench: $(STAMP) ## throughput and memory benchmarks, JSON in benchmarks/results/
+	$(PY) -m benchmarks.run $(ARGS)
+
+lint: $(STAMP) ## ruff lint and format check
+	$(VENV)/bin/ruff check reptile_gen tests benchmarks
+	$(VENV)/bin/ruff format --check reptile_gen tests benchmarks
+
+format: $(STAMP) ## ruff autofix and format
+	$(VENV)/bin/ruff check --fix reptile_gen tests benchmarks
+	$(VENV)/bin/ruff format reptile_gen tests benchmarks
+
+clean: ## remove caches and run outputs (keeps .venv)
+	rm -rf outputs/* .pytest_cache .ruff_cache benchmarks/results build *.egg-info
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +

@@ -1,0 +1,233 @@
+"""The LightningModule every meta-algorithm shares: inner-loop wiring, evaluation by
+adaptation (with gradients on, also in validation and test), optimizers from config."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from functools import partial
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from reptile_gen.data.task_batch import TaskBatch
+from reptile_gen.data.task_spec import TaskSpec
+from reptile_gen.inner_loop import InnerLoopEngine, InnerLR, InnerSchedule, make_engine
+from reptile_gen.utils.stats import mean_and_ci95
+
+__all__ = ["MetaLearner"]
+
+
+class MetaLearner(pl.LightningModule):
+    """Shared base of MAML, first-order MAML, Reptile and joint training.
+
+    Subclasses implement :meth:`meta_loss` (a scalar whose gradient with respect to the
+    model's initial parameters, and learned inner learning rates, is the meta-gradient),
+    so Lightning's backward, DDP gradient averaging, clipping and LR schedulers all apply.
+
+    Args:
+        model: the plain ``nn.Module`` whose initial parameters are meta-learned.
+        task_spec: the task's :class:`TaskSpec` (loss, sizes).
+        optimizer: outer optimizer factory (Hydra ``_partial_``) taking the parameters.
+        scheduler: optional LR scheduler factory taking the optimizer (stepped each
+            meta-step).
+        inner_loop: engine name, ``functional`` (default) or ``higher``.
+        inner_optimizer: ``{name: sgd|adam|..., **kwargs}``; non-SGD needs ``higher``.
+        inner_lr: each task's inner step size (never scaled by the meta-batch size).
+        inner_lr_learned: ``none|scalar|per_tensor|per_parameter`` (Meta-SGD).
+        inner_steps: inner steps per task in training on the whole support set; ``None``
+            for the online schedule (one step per ``inner_batch_size`` elements).
+        inner_batch_size: elements per inner step in the online schedule.
+        objective: ``query`` (loss on the query set after adaptation) or ``online``
+            (sum of pre-update losses along the support sequence: its NLL).
+        eval_inner_steps: adaptation steps scored in validation and test (few-shot).
+        eval_random_init: also score the freshly initialised model at test time (the
+            random-initialisation baseline).
+        vmap_chunk_size: tasks per ``vmap`` chunk for the functional engine.
+    """
+
+    #: what flows back through the inner loop (set by subclasses)
+    grad_mode = "second_order"
+    #: whether learned inner learning rates receive a gradient from this algorithm
+    learns_inner_lr = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task_spec: TaskSpec,
+        optimizer: Callable[..., torch.optim.Optimizer] = partial(torch.optim.Adam, lr=1e-3),
+        scheduler: Callable | None = None,
+        inner_loop: str = "functional",
+        inner_optimizer: dict | None = None,
+        inner_lr: float = 0.01,
+        inner_lr_learned: str = "none",
+        inner_steps: int | None = 1,
+        inner_batch_size: int = 1,
+        objective: str = "query",
+        eval_inner_steps: int = 10,
+        eval_random_init: bool = True,
+        vmap_chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "task_spec"])
+        _check_positive("algorithm.inner_lr", inner_lr, float)
+        if inner_steps is not None:
+            _check_positive("algorithm.inner_steps", inner_steps, int)
+        _check_positive("algorithm.inner_batch_size", inner_batch_size, int)
+        _check_positive("algorithm.eval_inner_steps", eval_inner_steps, int, allow_zero=True)
+        if objective not in ("query", "online"):
+            raise ValueError(f"algorithm.objective={objective!r}; allowed: query, online")
+        if inner_lr_learned != "none" and not self.learns_inner_lr:
+            raise ValueError(
+                f"algorithm.inner_lr_learned={inner_lr_learned!r} with "
+                f"{type(self).__name__}: this algorithm gives inner learning rates no "
+                "gradient; allowed: none (use algorithm=maml or fomaml for Meta-SGD)"
+            )
+        self.model = model
+        self.task_spec = task_spec
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        opts = {"chunk_size": vmap_chunk_size} if inner_loop == "functional" else {}
+        self.engine: InnerLoopEngine = make_engine(inner_loop, inner_optimizer, **opts)
+        self.inner_lr = InnerLR(
+            [(n, p.shape) for n, p in model.named_parameters()], inner_lr, inner_lr_learned
+        )
+        self.objective = objective
+        self.train_schedule = InnerSchedule(inner_steps, inner_batch_size)
+        self.eval_inner_steps = eval_inner_steps
+        self.eval_random_init = eval_random_init
+        # The random-initialisation baseline: the weights before any meta-training.
+        # Seeded like the run, so a re-evaluated checkpoint rebuilds the same ones.
+        self._initial_state = copy.deepcopy(model.state_dict())
+        self._eval_outputs: dict[str, list[torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ inner loop
+    def loss_fn(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.task_spec.elementwise_loss(pred, target)
+
+    def adapt(
+        self,
+        batch: TaskBatch,
+        grad_mode: str,
+        schedule: InnerSchedule | None = None,
+        model: nn.Module | None = None,
+        **kwargs,
+    ):
+        """Run the configured engine on ``batch`` (see :class:`InnerLoopEngine.run`)."""
+        return self.engine.run(
+            model if model is not None else self.model,
+            batch,
+            self.loss_fn,
+            self.inner_lr,
+            schedule or self.train_schedule,
+            grad_mode,
+            **kwargs,
+        )
+
+    def objective_loss(self, result) -> torch.Tensor:
+        """The meta-objective of one inner loop, averaged over tasks."""
+        if self.objective == "query":
+            return result.final_query_loss.mean()
+        # online NLL per task, divided by the number of real elements so the outer step
+        # size does not depend on sequence length
+        return result.element_losses.sum(1).mean() / max(result.element_losses.shape[1], 1)
+
+    # ------------------------------------------------------------------ training
+    def meta_loss(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def training_step(self, batch: TaskBatch, batch_idx: int) -> torch.Tensor:
+        loss, logs = self.meta_loss(batch)
+        self.log("train/meta_loss", loss, prog_bar=True, batch_size=batch.num_tasks)
+        for key, value in logs.items():
+            self.log(f"train/{key}", value, batch_size=batch.num_tasks)
+        if self.inner_lr.learned == "scalar":
+            self.log("train/inner_lr", self.inner_lr.scalar.detach())
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    # ------------------------------------------------------------------ evaluation
+    @property
+    def eval_schedule(self) -> InnerSchedule:
+        if self.train_schedule.num_steps is None:
+            return self.train_schedule
+        return self.train_schedule.with_steps(self.eval_inner_steps)
+
+    def evaluate_batch(self, batch: TaskBatch, model: nn.Module | None = None) -> torch.Tensor:
+        """Per-task query loss after 0..N adaptation steps: ``[B, N+1]``.
+
+        Runs with gradients enabled (the inner loop needs them) but builds no graph to
+        the initial parameters.
+        """
+        with torch.enable_grad():
+            result = self.adapt(
+                batch, "none", self.eval_schedule, model=model, track_query=True
+            )
+        return result.query_losses.detach()
+
+    def _eval_step(self, stage: str, batch: TaskBatch) -> None:
+        self._eval_outputs.setdefault(stage, []).append(self.evaluate_batch(batch))
+        if stage == "test" and self.eval_random_init:
+            self._eval_outputs.setdefault("test/random_init", []).append(
+                self.evaluate_batch(batch, model=self._random_init_model())
+            )
+
+    def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val", final_only=True)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+        if self.eval_random_init:
+            self._log_eval("test/random_init")
+
+    def _log_eval(self, prefix: str, final_only: bool = False) -> None:
+        outputs = self._eval_outputs.pop(prefix, [])
+        if not outputs:
+            return
+        losses = self.all_gather(torch.cat(outputs)).reshape(-1, outputs[0].shape[1])
+        self.eval_curves = getattr(self, "eval_curves", {})
+        self.eval_curves[prefix] = losses.cpu()
+        name = self.task_spec.loss_name
+        last = losses.shape[1] - 1
+        steps = [last] if final_only else range(losses.shape[1])
+        for step in steps:
+            mean, ci = mean_and_ci95(losses[:, step])
+            self.log(f"{prefix}/{name}_step_{step}", mean, rank_zero_only=True)
+            if not final_only:
+                self.log(f"{prefix}/{name}_step_{step}_ci95", ci, rank_zero_only=True)
+        if prefix == "val":
+            self.log("val/loss", losses[:, last].mean().item(), prog_bar=True, rank_zero_only=True)
+
+    def _random_init_model(self) -> nn.Module:
+        # kept out of the module tree: not a submodule, not in checkpoints or optimizers
+        if self.__dict__.get("_random_model") is None:
+            random_model = copy.deepcopy(self.model)
+            random_model.load_state_dict(self._initial_state)
+            self.__dict__["_random_model"] = random_model
+        return self.__dict__["_random_model"]
+
+
+def _check_positive(name: str, value, kind, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        ok = ok and float(value).is_integer()
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        kind_name = "an integer" if kind is int else "a number"
+        raise ValueError(f"{name}={value!r}; must be {kind_name} {bound}")

@@ -1,0 +1,55 @@
+"""Inner-loop engines behind one interface (``algorithm.inner_loop=functional|higher``)."""
+
+from __future__ import annotations
+
+from reptile_gen.inner_loop.base import InnerLoopEngine, InnerLoopResult, masked_mean
+from reptile_gen.inner_loop.functional import FunctionalEngine
+from reptile_gen.inner_loop.higher_engine import INNER_OPTIMIZERS, HigherEngine
+from reptile_gen.inner_loop.schedule import GRAD_MODES, LEARNED_LR_MODES, InnerLR, InnerSchedule
+
+__all__ = [
+    "ENGINES",
+    "FunctionalEngine",
+    "GRAD_MODES",
+    "HigherEngine",
+    "INNER_OPTIMIZERS",
+    "InnerLR",
+    "InnerLoopEngine",
+    "InnerLoopResult",
+    "InnerSchedule",
+    "LEARNED_LR_MODES",
+    "make_engine",
+    "masked_mean",
+]
+
+ENGINES = ("functional", "higher")
+
+
+def make_engine(name: str, inner_optimizer: dict | None = None, **options) -> InnerLoopEngine:
+    """Build engine ``name`` with the inner optimizer ``{name: ..., **kwargs}``.
+
+    An option the chosen engine cannot do is a clear error, never a silent fallback.
+    """
+    inner_optimizer = dict(inner_optimizer or {"name": "sgd"})
+    opt_name = inner_optimizer.pop("name", "sgd")
+    if name == "functional":
+        if opt_name != "sgd" or inner_optimizer:
+            raise ValueError(
+                f"algorithm.inner_optimizer={{name: {opt_name}, {inner_optimizer}}} needs "
+                "algorithm.inner_loop=higher: the functional engine runs plain SGD "
+                "(inner_optimizer.name=sgd, no extra options)"
+            )
+        return FunctionalEngine(**options)
+    if name == "higher":
+        if opt_name not in INNER_OPTIMIZERS:
+            raise ValueError(
+                f"algorithm.inner_optimizer.name={opt_name!r}; allowed with "
+                f"algorithm.inner_loop=higher: {', '.join(INNER_OPTIMIZERS)}"
+            )
+        if options:
+            raise ValueError(
+                f"algorithm.inner_loop=higher does not take {sorted(options)} "
+                "(options of the functional engine)"
+            )
+        return HigherEngine(opt_name, inner_optimizer)
+    raise ValueError(f"algorithm.inner_loop={name!r}; allowed: {', '.join(ENGINES)}")

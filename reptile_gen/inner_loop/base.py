@@ -1,0 +1,90 @@
+"""The small interface every inner-loop engine implements."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from reptile_gen.data.task_batch import TaskBatch
+from reptile_gen.inner_loop.schedule import InnerLR, InnerSchedule
+
+__all__ = ["InnerLoopEngine", "InnerLoopResult", "masked_mean", "LossFn"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class InnerLoopResult:
+    """What an inner loop over a meta-batch returns (leading dimension: tasks).
+
+    Attributes:
+        step_losses: ``[B, T]`` the loss each inner step descended (masked mean over the
+            step's elements), taken before that step's update.
+        element_losses: ``[B, S]`` each support element's loss before the model had
+            trained on it (0 on padding). Summed, this is the online negative
+            log-likelihood of the sequence.
+        query_losses: ``[B, T+1]`` query loss after 0..T steps if requested, else
+            ``[B, 1]`` after all steps; None without a query set.
+        adapted: the adapted parameters ``{name: [B, ...]}`` if requested.
+    """
+
+    step_losses: torch.Tensor
+    element_losses: torch.Tensor
+    query_losses: torch.Tensor | None = None
+    adapted: dict[str, torch.Tensor] | None = None
+
+    @property
+    def final_query_loss(self) -> torch.Tensor:
+        """``[B]`` query loss after the last inner step."""
+        if self.query_losses is None:
+            raise ValueError("this inner loop ran without a query set")
+        return self.query_losses[:, -1]
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over the True entries of ``mask`` (0 when all are masked, so a
+    step made only of padding neither adds loss nor moves the parameters)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+class InnerLoopEngine:
+    """Runs each task's inner SGD over its support set for a whole meta-batch.
+
+    Subclasses implement :meth:`run`. ``grad_mode`` says what flows back to the initial
+    parameters (and learned inner learning rates):
+
+    * ``second_order``: the full unrolled meta-gradient (MAML);
+    * ``first_order``: inner gradients treated as constants (first-order MAML), so
+      ``d theta_t / d theta_0 = I``;
+    * ``none``: no graph at all (Reptile, evaluation).
+    """
+
+    name = "base"
+
+    def run(
+        self,
+        model: nn.Module,
+        batch: TaskBatch,
+        loss_fn: LossFn,
+        lr: InnerLR,
+        schedule: InnerSchedule,
+        grad_mode: str,
+        *,
+        track_query: bool = False,
+        return_adapted: bool = False,
+    ) -> InnerLoopResult:
+        raise NotImplementedError
+
+
+def first_visit(slices: list[tuple[int, int]]) -> list[bool]:
+    """For each step, whether it is the first to visit its elements (its pre-update losses
+    are then those elements' online losses)."""
+    frontier, out = 0, []
+    for start, end in slices:
+        out.append(start >= frontier and end > start)
+        frontier = max(frontier, end)
+    return out

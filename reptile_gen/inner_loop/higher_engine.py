@@ -1,0 +1,139 @@
+"""The design card's engine: ``higher.innerloop_ctx``, one task at a time.
+
+Slower than :mod:`~reptile_gen.inner_loop.functional` (a Python loop over tasks, the whole
+unroll kept in memory) but it runs any inner optimizer ``higher`` differentiates through:
+SGD, Adam, RMSprop, Adagrad, Adadelta, Adamax, ASGD (not AdamW).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from reptile_gen.data.task_batch import TaskBatch
+from reptile_gen.inner_loop.base import (
+    InnerLoopEngine,
+    InnerLoopResult,
+    LossFn,
+    first_visit,
+    masked_mean,
+)
+from reptile_gen.inner_loop.schedule import InnerLR, InnerSchedule
+
+__all__ = ["HigherEngine", "INNER_OPTIMIZERS"]
+
+INNER_OPTIMIZERS = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "rmsprop": torch.optim.RMSprop,
+    "adagrad": torch.optim.Adagrad,
+    "adadelta": torch.optim.Adadelta,
+    "adamax": torch.optim.Adamax,
+    "asgd": torch.optim.ASGD,
+}
+
+
+class HigherEngine(InnerLoopEngine):
+    """Per-task ``higher.innerloop_ctx`` with ``copy_initial_weights=False`` (so the
+    meta-gradient reaches the model's own parameters, which MAML needs).
+
+    First-order MAML detaches the inner gradients through ``grad_callback``; learned inner
+    learning rates enter as higher's differentiable ``override`` of each parameter group's
+    ``lr`` (one group per parameter tensor). A step whose elements are all padding is
+    skipped, so stateful optimizers (Adam's moments, step counts) are not advanced by it.
+
+    Args:
+        inner_optimizer: name in :data:`INNER_OPTIMIZERS`.
+        inner_optimizer_kwargs: extra keyword arguments for the optimizer (betas, momentum...).
+    """
+
+    name = "higher"
+
+    def __init__(self, inner_optimizer: str = "sgd", inner_optimizer_kwargs: dict | None = None):
+        self.inner_optimizer = inner_optimizer
+        self.inner_optimizer_kwargs = dict(inner_optimizer_kwargs or {})
+
+    def run(
+        self,
+        model: nn.Module,
+        batch: TaskBatch,
+        loss_fn: LossFn,
+        lr: InnerLR,
+        schedule: InnerSchedule,
+        grad_mode: str,
+        *,
+        track_query: bool = False,
+        return_adapted: bool = False,
+    ) -> InnerLoopResult:
+        import higher  # imported here: the default engine must not depend on it
+
+        names = [n for n, _ in model.named_parameters()]
+        rates = lr.rates_by_name()
+        override = None
+        if lr.is_learned:
+            override = {
+                "lr": [
+                    rates[n].detach() if grad_mode == "none" else rates[n] for n in names
+                ]
+            }
+        optimizer = INNER_OPTIMIZERS[self.inner_optimizer](
+            [{"params": [p]} for p in model.parameters()], lr=lr.init, **self.inner_optimizer_kwargs
+        )
+        slices = schedule.slices(batch.support_x.shape[1])
+        records = first_visit(slices)
+        callback = _detach_all if grad_mode == "first_order" else None
+        has_query = batch.has_query
+
+        per_task = []
+        for b in range(batch.num_tasks):
+            sx, sy, sm = batch.support_x[b], batch.support_y[b], batch.support_mask[b]
+            with higher.innerloop_ctx(
+                model,
+                optimizer,
+                copy_initial_weights=False,
+                track_higher_grads=grad_mode != "none",
+                override=override,
+            ) as (fmodel, diffopt):
+
+                def query_loss():
+                    return loss_fn(fmodel(batch.query_x[b]), batch.query_y[b]).mean()
+
+                step_losses, element_losses, query_losses = [], [], []
+                if has_query and track_query:
+                    query_losses.append(query_loss())
+                for (start, end), record in zip(slices, records):
+                    x, y, m = sx[start:end], sy[start:end], sm[start:end]
+                    elements = loss_fn(fmodel(x), y)
+                    loss = masked_mean(elements, m)
+                    step_losses.append(loss)
+                    if record:
+                        element_losses.append(elements * m.to(elements.dtype))
+                    if bool(m.any()):
+                        diffopt.step(loss, grad_callback=callback)
+                    if has_query and track_query:
+                        query_losses.append(query_loss())
+                if has_query and not track_query:
+                    query_losses.append(query_loss())
+                adapted = list(fmodel.parameters()) if return_adapted else None
+            per_task.append((step_losses, element_losses, query_losses, adapted))
+
+        support_len = batch.support_x.shape[1]
+        element_losses = torch.stack([torch.cat(t[1]) for t in per_task])
+        if element_losses.shape[1] < support_len:
+            element_losses = nn.functional.pad(
+                element_losses, (0, support_len - element_losses.shape[1])
+            )
+        return InnerLoopResult(
+            step_losses=torch.stack([torch.stack(t[0]) for t in per_task]),
+            element_losses=element_losses,
+            query_losses=(torch.stack([torch.stack(t[2]) for t in per_task]) if has_query else None),
+            adapted=(
+                {n: torch.stack([t[3][i] for t in per_task]) for i, n in enumerate(names)}
+                if return_adapted
+                else None
+            ),
+        )
+
+
+def _detach_all(grads):
+    return [None if g is None else g.detach() for g in grads]

@@ -1,0 +1,95 @@
+"""Inner-loop schedules and learned inner learning rates.
+
+Learning-rate convention: ``inner_lr`` is the step size of each task's own SGD, applied to
+that task's loss (the mean over the elements of one inner step). It is never scaled by
+the meta-batch size or by the number of tasks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["InnerSchedule", "InnerLR", "LEARNED_LR_MODES", "GRAD_MODES"]
+
+LEARNED_LR_MODES = ("none", "scalar", "per_tensor", "per_parameter")
+GRAD_MODES = ("second_order", "first_order", "none")
+
+
+@dataclass(frozen=True)
+class InnerSchedule:
+    """Which support elements each inner SGD step trains on.
+
+    Two shapes cover every use:
+
+    * few-shot (``num_steps`` set): ``num_steps`` steps, each on the whole support set
+      (K-shot regression, as in MAML's sine study);
+    * online (``num_steps`` None): one step per ``inner_batch_size`` consecutive elements,
+      in order (SGD as a sequence model: 1 element per step is the original model).
+    """
+
+    num_steps: int | None = None
+    inner_batch_size: int = 1
+
+    def slices(self, support_len: int) -> list[tuple[int, int]]:
+        """``(start, end)`` of the support elements used by each step."""
+        if self.num_steps is not None:
+            return [(0, support_len)] * self.num_steps
+        b = self.inner_batch_size
+        return [(s, min(s + b, support_len)) for s in range(0, support_len, b)]
+
+    def with_steps(self, num_steps: int) -> InnerSchedule:
+        return InnerSchedule(num_steps=num_steps, inner_batch_size=self.inner_batch_size)
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class InnerLR(nn.Module):
+    """Inner learning rates, fixed or meta-learned (Meta-SGD, Li et al. 2017).
+
+    Args:
+        names_and_shapes: ``(name, shape)`` of each adapted parameter.
+        init: the initial (or fixed) learning rate, > 0.
+        learned: ``none`` (a fixed float), ``scalar`` (one learned rate), ``per_tensor``
+            (one per parameter tensor) or ``per_parameter`` (one per weight, Meta-SGD).
+    """
+
+    def __init__(self, names_and_shapes, init: float, learned: str = "none") -> None:
+        super().__init__()
+        if learned not in LEARNED_LR_MODES:
+            raise ValueError(
+                f"inner_lr_learned={learned!r}; allowed: {', '.join(LEARNED_LR_MODES)}"
+            )
+        self.init = float(init)
+        self.learned = learned
+        self.names = [n for n, _ in names_and_shapes]
+        if learned == "scalar":
+            self.scalar = nn.Parameter(torch.tensor(self.init))
+        elif learned in ("per_tensor", "per_parameter"):
+            self.rates = nn.ParameterDict(
+                {
+                    _key(n): nn.Parameter(
+                        torch.full(tuple(s) if learned == "per_parameter" else (), self.init)
+                    )
+                    for n, s in names_and_shapes
+                }
+            )
+
+    @property
+    def is_learned(self) -> bool:
+        return self.learned != "none"
+
+    def rates_by_name(self) -> dict[str, torch.Tensor | float]:
+        """Learning rate of each adapted parameter (a float, or a tensor that broadcasts)."""
+        if self.learned == "none":
+            return dict.fromkeys(self.names, self.init)
+        if self.learned == "scalar":
+            return dict.fromkeys(self.names, self.scalar)
+        return {n: self.rates[_key(n)] for n in self.names}
+
+    def extra_repr(self) -> str:
+        return f"learned={self.learned}, init={self.init}"

@@ -1,0 +1,74 @@
+"""Train a meta-learner: ``python -m reptile_gen.train [overrides]`` (``reptile-gen-train``).
+
+Composes ``conf/config.yaml``, instantiates the task's DataModule, the model and the
+algorithm's LightningModule, fits, tests, and writes ``metrics.json`` and plots into the
+run's Hydra directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from reptile_gen.utils.instantiate import (
+    build_callbacks,
+    build_loggers,
+    build_run,
+    write_metrics,
+)
+from reptile_gen.utils.runtime import check_config, finish_loggers, resolve_ckpt_path
+
+__all__ = ["train", "main"]
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit and test one run described by ``cfg``; returns its test metrics."""
+    check_config(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
+    datamodule, module = build_run(cfg)
+    loggers = build_loggers(cfg)
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False
+    )
+    try:
+        started = time.perf_counter()
+        if cfg.get("train", True):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        fit_seconds = time.perf_counter() - started
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if cfg.get("test", True):
+            best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+            if not cfg.get("train", True):
+                best = ckpt_path
+            elif not cfg.get("test_best", True):
+                best = None
+            trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=False)
+            metrics |= write_metrics(
+                trainer.callback_metrics,
+                out_dir / "metrics.json",
+                extra={"fit_seconds": round(fit_seconds, 2)},
+            )
+            if trainer.is_global_zero and hasattr(datamodule, "write_report"):
+                for path in datamodule.write_report(module, out_dir):
+                    log.info("wrote %s", path)
+        return metrics
+    finally:
+        finish_loggers(loggers)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    name = cfg.get("optimized_metric")
+    return metrics.get(name) if name else None
+
+
+if __name__ == "__main__":
+    main()

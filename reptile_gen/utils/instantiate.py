@@ -1,0 +1,67 @@
+"""Build a run's objects from its composed config (shared by train, eval and sample)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["build_run", "build_callbacks", "build_loggers", "write_metrics"]
+
+log = logging.getLogger(__name__)
+
+
+def build_run(cfg: DictConfig):
+    """Seed, then instantiate ``(datamodule, module)`` from ``cfg`` in a fixed order (the
+    order matters: it makes the model's random initialisation a function of the seed)."""
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = hydra.utils.instantiate(cfg.task)
+    model = hydra.utils.instantiate(cfg.model)(spec=datamodule.spec)
+    # called, not instantiated with kwargs: Hydra would turn the spec dataclass into a config
+    module = hydra.utils.instantiate(cfg.algorithm, _partial_=True)(
+        model=model, task_spec=datamodule.spec
+    )
+    if str(cfg.trainer.get("precision", "")).startswith("64"):
+        module = module.double()
+    return datamodule, module
+
+
+def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    return [
+        hydra.utils.instantiate(c)
+        for c in (cfg.get("callbacks") or {}).values()
+        if c is not None and "_target_" in c
+    ]
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    return [
+        hydra.utils.instantiate(c)
+        for c in (cfg.get("logger") or {}).values()
+        if c is not None and "_target_" in c
+    ]
+
+
+def write_metrics(metrics: dict, path: str | Path, extra: dict | None = None) -> dict:
+    """Write one flat JSON object of the ``test/`` metrics (plus ``extra``) to ``path``."""
+    flat = {}
+    for key, value in metrics.items():
+        if not key.startswith("test/"):
+            continue
+        value = value.item() if torch.is_tensor(value) else float(value)
+        flat[key] = None if math.isnan(value) else value
+    flat.update(extra or {})
+    path = Path(path)
+    path.write_text(json.dumps(dict(sorted(flat.items())), indent=2) + "\n")
+    log.info("wrote %s", path)
+    return flat
+
+
+def config_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,67 @@
+"""Checks and clean-up around a run: config validation before anything is built,
+checkpoint paths, and loggers that are always finished."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+__all__ = ["check_config", "resolve_ckpt_path", "finish_loggers", "ConfigError"]
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A config value that is not allowed; the message names it and what is allowed."""
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Cross-group checks that no single constructor can make (each constructor checks
+    its own arguments), run before any training starts."""
+    algo = cfg.algorithm
+    target = str(algo.get("_target_", ""))
+    learned = algo.get("inner_lr_learned", "none")
+    if target.endswith(("Reptile", "JointTraining")) and learned not in (None, "none"):
+        raise ConfigError(
+            f"algorithm.inner_lr_learned={learned!r} with {target.rsplit('.', 1)[-1]}: this "
+            "algorithm gives inner learning rates no gradient; allowed: none "
+            "(learned inner rates need algorithm=maml or algorithm=fomaml)"
+        )
+    if algo.get("objective") == "query" and algo.get("inner_steps") is None:
+        raise ConfigError(
+            "algorithm.objective=query with algorithm.inner_steps=null (online schedule): "
+            "the query objective needs a few-shot schedule (inner_steps >= 1)"
+        )
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    if algo.get("inner_loop") == "higher" and precision.startswith(("16", "bf16")):
+        raise ConfigError(
+            f"trainer.precision={precision!r} with algorithm.inner_loop=higher: higher's "
+            "unroll does not support mixed precision; allowed: 32-true, 64-true"
+        )
+
+
+def resolve_ckpt_path(ckpt_path) -> str | None:
+    """``None``, or an existing checkpoint file (a clear error otherwise)."""
+    if ckpt_path in (None, ""):
+        return None
+    path = Path(str(ckpt_path)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path!r}: no such checkpoint file "
+            "(give the path of a .ckpt written by a run, e.g. <run dir>/checkpoints/last.ckpt)"
+        )
+    return str(path)
+
+
+def finish_loggers(loggers) -> None:
+    """Finish W&B runs even when a job fails (otherwise a multirun logs into one run)."""
+    for logger in loggers or []:
+        if type(logger).__name__ == "WandbLogger":
+            try:
+                import wandb
+
+                wandb.finish()
+            except Exception as err:  # never mask the run's own error
+                log.warning("could not finish the W&B run: %s", err)
