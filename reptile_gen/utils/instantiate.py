@@ -33,10 +33,15 @@ def build_run(cfg: DictConfig):
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """The configured callbacks; progress bars are left out when
+    ``trainer.enable_progress_bar=false`` (Lightning refuses both at once)."""
+    show_bar = cfg.trainer.get("enable_progress_bar", True)
     return [
         hydra.utils.instantiate(c)
         for c in (cfg.get("callbacks") or {}).values()
-        if c is not None and "_target_" in c
+        if c is not None
+        and "_target_" in c
+        and (show_bar or not str(c["_target_"]).endswith("ProgressBar"))
     ]
 
 
