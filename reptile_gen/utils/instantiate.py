@@ -34,14 +34,24 @@ def build_run(cfg: DictConfig):
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     """The configured callbacks; progress bars are left out when
-    ``trainer.enable_progress_bar=false`` (Lightning refuses both at once)."""
+    ``trainer.enable_progress_bar=false`` and the LR monitor without a logger (Lightning
+    refuses both combinations)."""
     show_bar = cfg.trainer.get("enable_progress_bar", True)
+    has_logger = any(
+        c is not None and "_target_" in c for c in (cfg.get("logger") or {}).values()
+    )
+
+    def wanted(target: str) -> bool:
+        if target.endswith("ProgressBar"):
+            return show_bar
+        if target.endswith("LearningRateMonitor"):
+            return has_logger
+        return True
+
     return [
         hydra.utils.instantiate(c)
         for c in (cfg.get("callbacks") or {}).values()
-        if c is not None
-        and "_target_" in c
-        and (show_bar or not str(c["_target_"]).endswith("ProgressBar"))
+        if c is not None and "_target_" in c and wanted(str(c["_target_"]))
     ]
 
 
