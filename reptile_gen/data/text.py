@@ -1,0 +1,183 @@
+"""Text as sequence-as-task: each line is a task; x = character position, y = byte.
+
+A line of UTF-8 text becomes its bytes followed by an end token (NUL, byte 0); sequences
+are cut to ``max_len`` (end token included) and padded with a mask, so padding adds no
+loss and takes no SGD step. The offline default corpus is CPython's ``pydoc_data.topics``
+(the help texts that ship with every Python): ~8.7k non-empty lines of English prose and
+grammar, split deterministically into train/val/test by a hash of each line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from reptile_gen.data.base import TaskDataModule, check_count
+from reptile_gen.data.streams import FixedTaskBatches
+from reptile_gen.data.task_batch import TaskBatch
+from reptile_gen.data.task_spec import TaskSpec
+
+__all__ = ["TextDataModule", "load_lines", "encode_lines", "split_of", "END_TOKEN"]
+
+END_TOKEN = 0
+SPLITS = ("train", "val", "test")
+
+
+def load_lines(path: str | Path | None) -> tuple[list[str], str]:
+    """Non-empty stripped lines of a UTF-8 file (``None``: the pydoc corpus) and a label."""
+    if path is None:
+        import pydoc_data.topics
+
+        texts = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
+        source = "pydoc_data.topics"
+    else:
+        path = Path(str(path)).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"task.path={str(path)!r}: no such text file")
+        raw = path.read_bytes()
+        if b"\x00" in raw:
+            raise ValueError(
+                f"task.path={str(path)!r} contains NUL bytes: not a text file "
+                "(NUL is the end token; give a UTF-8 text file, one sequence per line)"
+            )
+        try:
+            texts = [raw.decode("utf-8")]
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"task.path={str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start})"
+            ) from None
+        source = str(path)
+    lines = [line.strip() for text in texts for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise ValueError(f"task.path={source!r} holds no non-empty line of text")
+    return lines, source
+
+
+def split_of(line: str, val_percent: int, test_percent: int) -> str:
+    """Deterministic split of a line by a hash of its text (stable across machines)."""
+    bucket = int.from_bytes(hashlib.sha1(line.encode("utf-8")).digest()[:4], "big") % 100
+    if bucket < test_percent:
+        return "test"
+    if bucket < test_percent + val_percent:
+        return "val"
+    return "train"
+
+
+def encode_lines(lines: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, max_len]`` bytes (end token appended, cut to max_len) and the ``[N, max_len]``
+    mask of real positions (the end token is real, padding is not)."""
+    data = torch.zeros(len(lines), max_len, dtype=torch.long)
+    mask = torch.zeros(len(lines), max_len, dtype=torch.bool)
+    for i, line in enumerate(lines):
+        encoded = list(line.encode("utf-8"))[: max_len - 1] + [END_TOKEN]
+        data[i, : len(encoded)] = torch.tensor(encoded)
+        mask[i, : len(encoded)] = True
+    return data, mask
+
+
+class TextDataModule(TaskDataModule):
+    """Lines of text as tasks (``task=text``).
+
+    Args:
+        path: a UTF-8 text file, one sequence per line; ``null`` for the offline corpus.
+        max_len: positions per sequence including the end token (>= 2).
+        meta_batch_size: lines per meta-step.
+        val_percent, test_percent: share of lines (by hash) held out.
+        num_val_tasks: validation lines used per validation (a fixed subset).
+        num_test_tasks: test lines scored (null: the whole test split).
+        eval_batch_size: lines per validation/test batch.
+        seed: seed of the training stream.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        max_len: int = 128,
+        meta_batch_size: int = 8,
+        val_percent: int = 5,
+        test_percent: int = 5,
+        num_val_tasks: int = 64,
+        num_test_tasks: int | None = None,
+        eval_batch_size: int = 32,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
+            raise ValueError(
+                f"task.max_len={max_len!r}; must be an integer >= 2 (one byte + the end token)"
+            )
+        for name, value in (("val_percent", val_percent), ("test_percent", test_percent)):
+            if not 0 < value < 50:
+                raise ValueError(f"task.{name}={value!r}; must be in 1..49")
+        self.path = path
+        self.max_len = max_len
+        self.meta_batch_size = check_count("meta_batch_size", meta_batch_size)
+        self.val_percent, self.test_percent = val_percent, test_percent
+        self.num_val_tasks = check_count("num_val_tasks", num_val_tasks)
+        self.num_test_tasks = (
+            None if num_test_tasks is None else check_count("num_test_tasks", num_test_tasks)
+        )
+        self.eval_batch_size = check_count("eval_batch_size", eval_batch_size)
+        self.seed = seed
+        self.spec = TaskSpec(
+            "discrete", "classes", input_sizes=(max_len,), output_dim=256, name="text"
+        )
+        self._loaded = False
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        lines, self.source = load_lines(self.path)
+        self.corpus_sha256 = hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+        by_split: dict[str, list[str]] = {s: [] for s in SPLITS}
+        for line in lines:
+            by_split[split_of(line, self.val_percent, self.test_percent)].append(line)
+        for split in SPLITS:
+            if not by_split[split]:
+                raise ValueError(
+                    f"task.path={self.source!r} has {len(lines)} line(s): too few to fill "
+                    f"the {split} split; give a larger corpus"
+                )
+        self.lines = by_split
+        self.encoded = {s: encode_lines(by_split[s], self.max_len) for s in SPLITS}
+        self._loaded = True
+
+    # ------------------------------------------------------------------ sampling
+    def _batch(self, data: torch.Tensor, mask: torch.Tensor) -> TaskBatch:
+        n = data.shape[0]
+        positions = torch.arange(self.max_len).expand(n, -1)
+        return TaskBatch(support_x=positions, support_y=data, support_mask=mask)
+
+    def sample(self, generator: torch.Generator, num_tasks: int | None = None) -> TaskBatch:
+        """``num_tasks`` training lines drawn uniformly (with replacement)."""
+        self._load()
+        data, mask = self.encoded["train"]
+        index = torch.randint(
+            0, data.shape[0], (num_tasks or self.meta_batch_size,), generator=generator
+        )
+        return self._batch(data[index], mask[index])
+
+    def _fixed(self, split: str, count: int | None) -> FixedTaskBatches:
+        data, mask = self.encoded[split]
+        if count is not None:
+            data, mask = data[:count], mask[:count]
+        return FixedTaskBatches(
+            [
+                self._batch(data[s : s + self.eval_batch_size], mask[s : s + self.eval_batch_size])
+                for s in range(0, data.shape[0], self.eval_batch_size)
+            ]
+        )
+
+    # ------------------------------------------------------------------ loaders
+    def setup(self, stage: str | None = None) -> None:
+        self._load()
+        self.val_set = self._fixed("val", self.num_val_tasks)
+        self.test_set = self._fixed("test", self.num_test_tasks)
+
+    def metrics_extra(self) -> dict:
+        """Provenance recorded in ``metrics.json``."""
+        self._load()
+        return {"data/corpus_sha256": self.corpus_sha256, "data/source": self.source}
