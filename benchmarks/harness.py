@@ -1,0 +1,216 @@
+"""Build one workload x engine from the real configs and time its meta-steps.
+
+Runs inside the per-entry subprocess (``python -m benchmarks.run --one ...``), so the peak
+RSS it reports belongs to that entry alone.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.workloads import Workload
+
+__all__ = ["CONF_DIR", "compose", "build", "time_meta_steps", "check_gradients", "rss_mb"]
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def rss_mb() -> dict[str, float]:
+    """Peak RSS of this process so far (``ru_maxrss``) and its current RSS, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_mb = peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+    current_mb = float("nan")
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        current_mb = pages * resource.getpagesize() / (1024 * 1024)
+    except OSError:
+        pass
+    return {"peak": peak_mb, "current": current_mb}
+
+
+def compose(overrides: list[str]):
+    """``conf/config.yaml`` composed with ``overrides``, as the command line would."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+def build(workload: Workload, engine: str, extra: list[str] = (), device: str = "cpu"):
+    """``(module, datamodule, meta_loss)`` of ``engine`` on ``workload``.
+
+    ``meta_loss`` is the module's own for an engine, the hand-written one for a baseline.
+    """
+    from reptile_gen.utils.instantiate import build_run
+
+    cfg = compose(workload.overrides_for(engine) + list(extra))
+    datamodule, module = build_run(cfg)
+    module = module.to(device).train()
+    if engine in workload.baselines:
+        baseline = workload.baselines[engine]
+
+        def meta_loss(batch):
+            return baseline(module, batch)
+
+    else:
+        meta_loss = module.meta_loss
+    return module, datamodule, meta_loss
+
+
+def _optimizer_and_scheduler(module):
+    """What ``configure_optimizers`` returns, as (optimizer, scheduler or None)."""
+    configured = module.configure_optimizers()
+    if isinstance(configured, dict):
+        scheduler = configured.get("lr_scheduler")
+        if isinstance(scheduler, dict):
+            scheduler = scheduler["scheduler"]
+        return configured["optimizer"], scheduler
+    return configured, None
+
+
+def _batches(workload, datamodule, module, count: int, seed: int, device: str):
+    dtype = next(module.parameters()).dtype
+
+    def cast(t):
+        return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+
+    return [b.map(cast) for b in workload.batches(datamodule, count, seed)]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_meta_steps(
+    workload: Workload,
+    engine: str,
+    *,
+    warmup: int,
+    min_steps: int,
+    max_steps: int,
+    min_time_s: float,
+    num_batches: int = 8,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict:
+    """Time full meta-steps (``meta_loss`` forward, backward, outer optimizer step, LR
+    scheduler step) as the LightningModule's training loop does them.
+
+    After ``warmup`` untimed steps, steps are timed one by one until both ``min_steps``
+    and ``min_time_s`` are reached (or ``max_steps``). Batches are sampled beforehand and
+    cycled, so data generation is not timed.
+    """
+    module, datamodule, meta_loss = build(workload, engine, device=device)
+    optimizer, scheduler = _optimizer_and_scheduler(module)
+    batches = _batches(workload, datamodule, module, num_batches, seed, device)
+    tasks_per_step = batches[0].num_tasks
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    baseline = rss_mb()
+
+    def step(batch):
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = meta_loss(batch)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        return loss
+
+    for i in range(warmup):
+        step(batches[i % len(batches)])
+    _sync(device)
+
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_steps:
+        if len(times) >= min_steps and time.perf_counter() - start >= min_time_s:
+            break
+        batch = batches[(warmup + len(times)) % len(batches)]
+        t0 = time.perf_counter()
+        loss = step(batch)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    final_loss = float(loss.detach())
+    after = rss_mb()
+
+    arr = np.asarray(times)
+    median = float(np.median(arr))
+    result = {
+        "step_times_s": [round(t, 7) for t in times],
+        "median_s_per_step": median,
+        "p10_s": float(np.percentile(arr, 10)),
+        "p90_s": float(np.percentile(arr, 90)),
+        "mean_s": float(arr.mean()),
+        "min_s": float(arr.min()),
+        "tasks_per_step": tasks_per_step,
+        "tasks_per_s": tasks_per_step / median,
+        "steps_timed": len(times),
+        "warmup_steps": warmup,
+        "baseline_rss_mb": baseline["peak"],
+        "baseline_current_rss_mb": baseline["current"],
+        "peak_rss_mb": after["peak"],
+        "rss_delta_mb": after["peak"] - baseline["peak"],
+        "num_params": sum(p.numel() for p in module.parameters()),
+        "final_loss": final_loss,
+        "dtype": str(next(module.parameters()).dtype).replace("torch.", ""),
+        "device": device,
+    }
+    if device.startswith("cuda"):
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / (1024 * 1024)
+    return result
+
+
+def check_gradients(workload: Workload, engines: list[str], device: str = "cpu") -> dict:
+    """Meta-gradient of each of ``engines`` against the reference engine's, in float64 on
+    one meta-batch, from identical initial parameters.
+
+    Returns ``{engine: {max_abs_diff, max_rel_diff, ok}}`` where ``max_rel_diff`` is the
+    largest difference divided by the largest reference gradient entry.
+    """
+    precision = ["trainer.precision=64-true"]
+
+    def meta_gradient(engine, state=None):
+        module, datamodule, meta_loss = build(workload, engine, precision, device)
+        if state is not None:
+            module.load_state_dict(state)
+        batch = _batches(workload, datamodule, module, 1, 1234, device)[0]
+        module.zero_grad(set_to_none=True)
+        loss, _ = meta_loss(batch)
+        loss.backward()
+        grads = torch.cat(
+            [
+                (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                for p in module.parameters()
+            ]
+        )
+        return module.state_dict(), float(loss.detach()), grads.detach().cpu()
+
+    state, ref_loss, ref = meta_gradient(workload.reference)
+    scale = float(ref.abs().max().clamp(min=1e-30))
+    out = {}
+    for engine in engines:
+        if engine == workload.reference:
+            continue
+        _, loss, g = meta_gradient(engine, state)
+        max_abs = float((g - ref).abs().max())
+        out[engine] = {
+            "against": workload.reference,
+            "dtype": "float64",
+            "max_abs_diff": max_abs,
+            "max_rel_diff": max_abs / scale,
+            "loss_diff": abs(loss - ref_loss),
+            "ok": bool(torch.allclose(g, ref, rtol=1e-7, atol=1e-9 * scale)),
+        }
+    return out

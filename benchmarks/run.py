@@ -1,0 +1,529 @@
+"""``make bench`` / ``python -m benchmarks.run``: time every workload x engine.
+
+Each workload x engine runs in its own subprocess (``python -m benchmarks.run --one
+WORKLOAD ENGINE``), so peak RSS is per entry and an entry that crashes or runs out of
+memory fails alone. Before timing, each workload's meta-gradients (every engine and
+baseline) are checked against its reference engine in float64, also in a subprocess.
+
+Writes ``benchmarks/results/bench-<timestamp>.json`` and ``benchmarks/results/latest.json``
+(or only ``--out PATH``) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+SCHEMA_VERSION = 1
+
+#: timing budget per entry and repeat
+MODES = {
+    "quick": {"warmup": 3, "min_steps": 10, "max_steps": 500, "min_time_s": 3.0, "repeats": 1},
+    "full": {"warmup": 10, "min_steps": 50, "max_steps": 5000, "min_time_s": 20.0, "repeats": 3},
+}
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (affinity / cgroup-pinned), at most ``os.cpu_count()``."""
+    count = os.cpu_count() or 1
+    try:
+        return max(1, min(count, len(os.sched_getaffinity(0))))
+    except (AttributeError, OSError):
+        return count
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def auto_threads() -> tuple[int, str]:
+    """Torch threads when ``--threads`` is not given: the available CPUs, less those that
+    other processes keep busy (1-minute load average), at least 1.
+
+    On a shared machine, intra-op threads that compete with other processes for the cores
+    wait on each other at every parallel op: on 2 busy cores, 2 threads made the vmapped
+    engine about 80x slower than 1 thread, which would make every ratio meaningless.
+    """
+    cpus = available_cpus()
+    load = load_average()
+    if load is None:
+        return cpus, f"{cpus} available CPUs (no load average)"
+    threads = max(1, min(cpus, round(cpus - load[0])))
+    return threads, f"{cpus} available CPUs, 1-minute load average {load[0]:.2f} at start"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from benchmarks.workloads import WORKLOADS
+
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description="Median seconds per meta-step and peak memory, per workload x engine.",
+    )
+    p.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help=f"comma-separated workloads (default: all: {', '.join(WORKLOADS)})",
+    )
+    p.add_argument(
+        "--engines",
+        default=None,
+        help="comma-separated engines/baselines, e.g. functional,higher,plain_loop "
+        "(default: every one each workload has)",
+    )
+    p.add_argument("--full", action="store_true", help="longer timing, 3 repeats per entry")
+    p.add_argument("--repeats", type=int, default=None, help="subprocesses per entry (pooled)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per repeat")
+    p.add_argument("--min-steps", type=int, default=None, help="timed steps at least")
+    p.add_argument("--max-steps", type=int, default=None, help="timed steps at most")
+    p.add_argument("--min-time", type=float, default=None, help="timed seconds at least")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: the available CPUs not kept busy by other processes)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per subprocess")
+    p.add_argument("--no-check", action="store_true", help="skip the meta-gradient check")
+    p.add_argument("--out", type=Path, default=None, help="write the JSON here only")
+    p.add_argument("--list", action="store_true", help="list the workloads and exit")
+    # internal: one entry / one gradient check, in a subprocess
+    p.add_argument("--one", nargs=2, metavar=("WORKLOAD", "ENGINE"), help=argparse.SUPPRESS)
+    p.add_argument("--check", metavar="WORKLOAD", help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.threads_reason = "--threads"
+    if args.threads is None:
+        args.threads, args.threads_reason = auto_threads()
+    return args
+
+
+def settings(args: argparse.Namespace) -> dict:
+    mode = "full" if args.full else "quick"
+    s = dict(MODES[mode], mode=mode)
+    for key, value in (
+        ("repeats", args.repeats),
+        ("warmup", args.warmup),
+        ("min_steps", args.min_steps),
+        ("max_steps", args.max_steps),
+        ("min_time_s", args.min_time),
+    ):
+        if value is not None:
+            s[key] = value
+    s["threads"] = max(1, min(args.threads, os.cpu_count() or 1))
+    s["threads_from"] = args.threads_reason
+    s["device"] = args.device
+    return s
+
+
+# ---------------------------------------------------------------------- child side
+def _child_setup(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def child_one(args: argparse.Namespace) -> None:
+    """``--one WORKLOAD ENGINE``: time one entry, write its JSON to ``--result``."""
+    s = settings(args)
+    _child_setup(s["threads"])
+    from benchmarks.harness import time_meta_steps
+    from benchmarks.workloads import get
+
+    workload = get(args.one[0])
+    engine = args.one[1]
+    if engine not in workload.all_engines:
+        raise SystemExit(f"{workload.name} has no engine {engine!r}: {workload.all_engines}")
+    result = time_meta_steps(
+        workload,
+        engine,
+        warmup=s["warmup"],
+        min_steps=s["min_steps"],
+        max_steps=s["max_steps"],
+        min_time_s=workload.min_time_s if workload.min_time_s is not None else s["min_time_s"],
+        device=s["device"],
+    )
+    import torch
+
+    result["threads"] = torch.get_num_threads()
+    result["torch"] = torch.__version__
+    args.result.write_text(json.dumps(result))
+
+
+def child_check(args: argparse.Namespace) -> None:
+    """``--check W1,W2``: compare meta-gradients, write ``{workload: {engine: ...}}`` to
+    ``--result`` (one subprocess for all workloads: the imports are the slow part)."""
+    s = settings(args)
+    _child_setup(s["threads"])
+    from benchmarks.harness import check_gradients
+    from benchmarks.workloads import get
+
+    out = {}
+    for name in args.check.split(","):
+        workload = get(name)
+        engines = selected_engines(workload, args.engines)
+        out[name] = check_gradients(workload, engines, s["device"])
+    args.result.write_text(json.dumps(out))
+
+
+# ---------------------------------------------------------------------- parent side
+def selected_engines(workload, engines_arg: str | None) -> list[str]:
+    if not engines_arg:
+        return list(workload.all_engines)
+    wanted = [e.strip() for e in engines_arg.split(",") if e.strip()]
+    return [e for e in workload.all_engines if e in wanted]
+
+
+def _passthrough(args: argparse.Namespace) -> list[str]:
+    """The options a subprocess needs to reproduce this run's settings."""
+    s = settings(args)
+    return [
+        "--warmup", str(s["warmup"]),
+        "--min-steps", str(s["min_steps"]),
+        "--max-steps", str(s["max_steps"]),
+        "--min-time", str(s["min_time_s"]),
+        "--threads", str(s["threads"]),
+        "--device", s["device"],
+    ]  # fmt: skip
+
+
+def run_child(cli: list[str], timeout: float) -> tuple[dict | None, dict]:
+    """Run ``python -m benchmarks.run <cli> --result tmp``; ``(result or None, info)``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "benchmarks.run", *cli, "--result", str(result_path)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(
+                cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired as e:
+            tail = (e.stderr or b"")[-2000:]
+            tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+            return None, {"error": f"timed out after {timeout:.0f}s", "stderr_tail": tail}
+        info = {"wall_s": round(time.perf_counter() - t0, 2)}
+        if proc.returncode != 0 or not result_path.exists():
+            rc = proc.returncode
+            if rc < 0:
+                name = signal.Signals(-rc).name
+                why = f"killed by {name}" + (" (out of memory?)" if -rc == signal.SIGKILL else "")
+            else:
+                why = f"exit status {rc}"
+            info.update(error=why, stderr_tail=proc.stderr[-2000:])
+            return None, info
+        return json.loads(result_path.read_text()), info
+
+
+def run_repeat(workload, engine: str, args: argparse.Namespace) -> tuple[dict | None, dict]:
+    """One subprocess timing ``engine`` on ``workload``."""
+    return run_child(["--one", workload.name, engine, *_passthrough(args)], args.timeout)
+
+
+def aggregate(workload, engine: str, runs: list[dict], errors: list[dict], wall: float) -> dict:
+    """One result entry from the repeats of ``engine`` on ``workload`` (step times pooled)."""
+    entry = {
+        "workload": workload.name,
+        "engine": engine,
+        "kind": "baseline" if engine in workload.baselines else "engine",
+        "built_with": workload.overrides_for(engine)[-1],
+        "description": workload.description,
+        "overrides": workload.overrides_for(engine),
+    }
+    entry["wall_s"] = round(wall, 2)
+    if not runs:
+        entry.update(status="failed", **errors[0])
+        return entry
+    import numpy as np
+
+    times = np.asarray([t for r in runs for t in r["step_times_s"]])
+    median = float(np.median(times))
+    first = runs[0]
+    entry.update(
+        status="ok" if not errors else "partial",
+        median_s_per_step=median,
+        p10_s=float(np.percentile(times, 10)),
+        p90_s=float(np.percentile(times, 90)),
+        mean_s=float(times.mean()),
+        min_s=float(times.min()),
+        tasks_per_step=first["tasks_per_step"],
+        tasks_per_s=first["tasks_per_step"] / median,
+        steps_timed=int(times.size),
+        warmup_steps=first["warmup_steps"],
+        repeats=len(runs),
+        repeat_medians_s=[r["median_s_per_step"] for r in runs],
+        peak_rss_mb=max(r["peak_rss_mb"] for r in runs),
+        baseline_rss_mb=max(r["baseline_rss_mb"] for r in runs),
+        rss_delta_mb=max(r["rss_delta_mb"] for r in runs),
+        threads=first["threads"],
+        torch=first["torch"],
+        device=first["device"],
+        num_params=first["num_params"],
+        dtype=first["dtype"],
+        final_loss=first["final_loss"],
+    )
+    if "peak_cuda_mb" in first:
+        entry["peak_cuda_mb"] = max(r["peak_cuda_mb"] for r in runs)
+    if errors:
+        entry["errors"] = errors
+    return entry
+
+
+def ratios(entries: list[dict], workloads: dict) -> tuple[dict, dict]:
+    """``{workload: {"<engine>/<reference>": time ratio}}`` and the same for RSS deltas."""
+    time_ratios, memory_ratios = {}, {}
+    ok = {(e["workload"], e["engine"]): e for e in entries if e["status"] != "failed"}
+    for name, workload in workloads.items():
+        ref = ok.get((name, workload.reference))
+        if ref is None:
+            continue
+        for engine in workload.all_engines:
+            e = ok.get((name, engine))
+            if e is None or engine == workload.reference:
+                continue
+            key = f"{engine}/{workload.reference}"
+            time_ratios.setdefault(name, {})[key] = (
+                e["median_s_per_step"] / ref["median_s_per_step"]
+            )
+            if ref["rss_delta_mb"] > 0:
+                memory_ratios.setdefault(name, {})[key] = e["rss_delta_mb"] / ref["rss_delta_mb"]
+    return time_ratios, memory_ratios
+
+
+def machine_info(threads: int, device: str) -> dict:
+    import numpy
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "cpu_count": os.cpu_count(),
+        "available_cpus": available_cpus(),
+        "threads": threads,
+        "device": device,
+    }
+    try:
+        from importlib.metadata import version
+
+        info["higher"] = version("higher")
+    except Exception:  # not installed, or not as a distribution
+        info["higher"] = None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT, capture_output=True, text=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+        info["git_commit"] = commit or None
+        info["git_dirty"] = bool(dirty)
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = None
+    return info
+
+
+def format_table(report: dict) -> str:
+    header = (
+        "workload", "engine", "median ms", "p10-p90 ms", "tasks/s",
+        "steps", "peak RSS MB", "dRSS MB", "x ref",
+    )  # fmt: skip
+    rows, failures = [header], []
+    for e in report["results"]:
+        if e["status"] == "failed":
+            failures.append(f"{e['workload']}  {e['engine']}  FAILED: {e['error']}")
+            continue
+        reference = report["references"].get(e["workload"])
+        ratio = report["ratios"].get(e["workload"], {}).get(f"{e['engine']}/{reference}")
+        if e["engine"] == reference:
+            ratio = 1.0
+        rows.append(
+            (
+                e["workload"],
+                e["engine"],
+                f"{1e3 * e['median_s_per_step']:.2f}",
+                f"{1e3 * e['p10_s']:.2f}-{1e3 * e['p90_s']:.2f}",
+                f"{e['tasks_per_s']:.0f}",
+                str(e["steps_timed"]),
+                f"{e['peak_rss_mb']:.0f}",
+                f"{e['rss_delta_mb']:.1f}",
+                "" if ratio is None else f"{ratio:.2f}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths)))
+        for r in rows
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines + failures)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.one:
+        child_one(args)
+        return 0
+    if args.check:
+        child_check(args)
+        return 0
+
+    from benchmarks.workloads import WORKLOADS, get
+
+    if args.list:
+        for w in WORKLOADS.values():
+            print(f"{w.name:<20} {', '.join(w.all_engines):<30} {w.description}")
+        return 0
+
+    s = settings(args)
+    workloads = {name: get(name) for name in args.workloads.split(",") if name.strip()}
+    plan = [(w, e) for w in workloads.values() for e in selected_engines(w, args.engines)]
+    if not plan:
+        print("nothing to run (check --workloads / --engines)", file=sys.stderr)
+        return 2
+    started = dt.datetime.now()
+    load_start = load_average()
+    print(
+        f"benchmarks: {len(plan)} entries, mode {s['mode']}, {s['threads']} threads "
+        f"({s['threads_from']}), "
+        f"device {s['device']}",
+        flush=True,
+    )
+
+    checks, check_failed = {}, False
+    to_check = [
+        w.name
+        for w in workloads.values()
+        if w.check_grads
+        and w.reference in selected_engines(w, args.engines)
+        and len(selected_engines(w, args.engines)) > 1
+    ]
+    if to_check and not args.no_check:
+        print(f"  checking meta-gradients (float64) of {', '.join(to_check)} ...", flush=True)
+        cli = ["--check", ",".join(to_check), *_passthrough(args)]
+        if args.engines:
+            cli += ["--engines", args.engines]
+        result, info = run_child(cli, args.timeout)
+        if result is None:
+            checks = {"status": "failed", **info}
+            check_failed = True
+            print(f"    FAILED: {info['error']}\n{info.get('stderr_tail', '')}", flush=True)
+        else:
+            checks = result
+            for name, per_engine in result.items():
+                for engine, c in per_engine.items():
+                    check_failed |= not c["ok"]
+                    print(
+                        f"    {name} {engine:<12} vs {c['against']}: max|diff| "
+                        f"{c['max_abs_diff']:.2e} (rel {c['max_rel_diff']:.2e}) "
+                        f"{'ok' if c['ok'] else 'MISMATCH'}",
+                        flush=True,
+                    )
+
+    # repeats interleaved (every entry once, then again...), so a change in machine load
+    # shifts all entries rather than one
+    collected = {(w.name, e): ([], [], [0.0]) for w, e in plan}
+    for r in range(s["repeats"]):
+        for w, engine in plan:
+            tag = f" (repeat {r + 1}/{s['repeats']})" if s["repeats"] > 1 else ""
+            print(f"  {w.name} / {engine}{tag} ...", end=" ", flush=True)
+            result, info = run_repeat(w, engine, args)
+            runs, errors, wall = collected[(w.name, engine)]
+            wall[0] += info.get("wall_s", 0.0)
+            if result is None:
+                errors.append(info)
+                print(f"FAILED ({info['error']})", flush=True)
+            else:
+                runs.append(result)
+                print(
+                    f"{1e3 * result['median_s_per_step']:.2f} ms/step, "
+                    f"{result['steps_timed']} steps, {info['wall_s']:.0f}s",
+                    flush=True,
+                )
+    entries = [
+        aggregate(w, engine, *collected[(w.name, engine)][:2], collected[(w.name, engine)][2][0])
+        for w, engine in plan
+    ]
+
+    time_ratios, memory_ratios = ratios(entries, workloads)
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "created": started.isoformat(timespec="seconds"),
+        "duration_s": round((dt.datetime.now() - started).total_seconds(), 1),
+        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.run", *sys.argv[1:]]),
+        "machine": machine_info(s["threads"], s["device"]),
+        # 1/5/15-minute load averages: above available_cpus, other processes competed
+        # for the cores and the timings are noisy
+        "load_average": {"start": load_start, "end": load_average()},
+        "settings": s,
+        "definitions": {
+            "meta_step": "optimizer.zero_grad; meta_loss(batch) forward; backward; "
+            "outer optimizer step (and LR scheduler step), as in the LightningModule",
+            "median_s_per_step": "median wall time of one timed meta-step (pooled repeats)",
+            "tasks_per_s": "tasks per meta-step / median_s_per_step",
+            "peak_rss_mb": "ru_maxrss of the entry's own subprocess at the end (max over repeats)",
+            "baseline_rss_mb": "ru_maxrss after imports, model build and batch sampling",
+            "rss_delta_mb": "peak_rss_mb - baseline_rss_mb: the memory the meta-steps added",
+            "ratios": "median_s_per_step of <engine> / that of the workload's reference engine",
+            "memory_ratios": "rss_delta_mb of <engine> / that of the reference engine",
+        },
+        "references": {name: w.reference for name, w in workloads.items()},
+        "grad_checks": checks,
+        "results": entries,
+        "ratios": time_ratios,
+        "memory_ratios": memory_ratios,
+    }
+    text = json.dumps(report, indent=2) + "\n"
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        written = [args.out]
+    else:
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        path = RESULTS_DIR / f"bench-{started.strftime('%Y%m%d-%H%M%S')}.json"
+        path.write_text(text)
+        (RESULTS_DIR / "latest.json").write_text(text)
+        written = [path, RESULTS_DIR / "latest.json"]
+
+    print()
+    print(format_table(report))
+    for name, r in time_ratios.items():
+        pretty = ", ".join(f"{k} = {v:.2f}x" for k, v in r.items())
+        print(f"{name}: {pretty}")
+    print("wrote " + ", ".join(str(p) for p in written))
+    busy = max((load_start or [0])[0], (report["load_average"]["end"] or [0])[0])
+    if busy > available_cpus():
+        print(
+            f"warning: load average {busy:.1f} > {available_cpus()} CPUs: other processes "
+            "competed for the cores, the timings are noisy (rerun on an idle machine)"
+        )
+    failed = any(e["status"] == "failed" for e in entries)
+    if check_failed:
+        print("meta-gradient check FAILED: the timings may not compare like with like")
+    return 1 if failed or check_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
