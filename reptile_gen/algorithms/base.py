@@ -4,6 +4,7 @@ adaptation (with gradients on, also in validation and test), optimizers from con
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from functools import partial
 
@@ -29,7 +30,8 @@ class MetaLearner(pl.LightningModule):
     Args:
         model: the plain ``nn.Module`` whose initial parameters are meta-learned.
         task_spec: the task's :class:`TaskSpec` (loss, sizes).
-        optimizer: outer optimizer factory (Hydra ``_partial_``) taking the parameters.
+        optimizer: outer optimizer factory (Hydra ``_partial_``) taking the parameters
+            (default: Adam, lr 1e-3).
         scheduler: optional LR scheduler factory taking the optimizer (stepped each
             meta-step).
         inner_loop: engine name, ``functional`` (default) or ``higher``.
@@ -56,7 +58,7 @@ class MetaLearner(pl.LightningModule):
         self,
         model: nn.Module,
         task_spec: TaskSpec,
-        optimizer: Callable[..., torch.optim.Optimizer] = partial(torch.optim.Adam, lr=1e-3),
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable | None = None,
         inner_loop: str = "functional",
         inner_optimizer: dict | None = None,
@@ -86,7 +88,7 @@ class MetaLearner(pl.LightningModule):
             )
         self.model = model
         self.task_spec = task_spec
-        self.optimizer_factory = optimizer
+        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
         self.scheduler_factory = scheduler
         opts = {"chunk_size": vmap_chunk_size} if inner_loop == "functional" else {}
         self.engine: InnerLoopEngine = make_engine(inner_loop, inner_optimizer, **opts)
@@ -163,16 +165,30 @@ class MetaLearner(pl.LightningModule):
             return self.train_schedule
         return self.train_schedule.with_steps(self.eval_inner_steps)
 
-    def evaluate_batch(self, batch: TaskBatch, model: nn.Module | None = None) -> torch.Tensor:
-        """Per-task query loss after 0..N adaptation steps: ``[B, N+1]``.
+    @property
+    def is_sequence_model(self) -> bool:
+        """Online schedule (SGD as a sequence model) rather than few-shot adaptation."""
+        return self.train_schedule.num_steps is None
 
-        Runs with gradients enabled (the inner loop needs them) but builds no graph to
-        the initial parameters.
+    def evaluate_batch(self, batch: TaskBatch, model: nn.Module | None = None) -> torch.Tensor:
+        """Per-task evaluation, ``[B, k]``.
+
+        Few-shot: query loss after 0..N adaptation steps (``k = N + 1``). Sequences: the
+        online negative log-likelihood of each sequence in nats and its number of real
+        elements (``k = 2``). Runs with gradients enabled (the inner loop needs them)
+        but builds no graph to the initial parameters.
         """
         with torch.enable_grad():
             result = self.adapt(
-                batch, "none", self.eval_schedule, model=model, track_query=True
+                batch,
+                "none",
+                self.eval_schedule,
+                model=model,
+                track_query=not self.is_sequence_model,
             )
+        if self.is_sequence_model:
+            nll = result.element_losses.detach().sum(1)
+            return torch.stack([nll, batch.support_mask.sum(1).to(nll.dtype)], dim=1)
         return result.query_losses.detach()
 
     def _eval_step(self, stage: str, batch: TaskBatch) -> None:
@@ -200,19 +216,39 @@ class MetaLearner(pl.LightningModule):
         outputs = self._eval_outputs.pop(prefix, [])
         if not outputs:
             return
-        losses = self.all_gather(torch.cat(outputs)).reshape(-1, outputs[0].shape[1])
+        results = self.all_gather(torch.cat(outputs)).reshape(-1, outputs[0].shape[1])
         self.eval_curves = getattr(self, "eval_curves", {})
-        self.eval_curves[prefix] = losses.cpu()
+        self.eval_curves[prefix] = results.cpu()
+        if self.is_sequence_model:
+            self._log_sequence_metrics(prefix, results)
+        else:
+            self._log_curve_metrics(prefix, results, final_only)
+
+    def _log_curve_metrics(self, prefix: str, losses: torch.Tensor, final_only: bool) -> None:
+        """``{prefix}/mse_step_k`` (and ``_ci95``) for k adaptation steps."""
         name = self.task_spec.loss_name
         last = losses.shape[1] - 1
-        steps = [last] if final_only else range(losses.shape[1])
-        for step in steps:
+        for step in [last] if final_only else range(losses.shape[1]):
             mean, ci = mean_and_ci95(losses[:, step])
             self.log(f"{prefix}/{name}_step_{step}", mean, rank_zero_only=True)
             if not final_only:
                 self.log(f"{prefix}/{name}_step_{step}_ci95", ci, rank_zero_only=True)
         if prefix == "val":
             self.log("val/loss", losses[:, last].mean().item(), prog_bar=True, rank_zero_only=True)
+
+    def _log_sequence_metrics(self, prefix: str, results: torch.Tensor) -> None:
+        """Test likelihood as the literature reports it: nats per sequence (mean and 95%
+        CI over sequences) and bits per token (total nats / total tokens / ln 2)."""
+        nll, tokens = results[:, 0].double(), results[:, 1].double()
+        spec = self.task_spec
+        mean, ci = mean_and_ci95(nll)
+        bits = (nll.sum() / tokens.sum().clamp(min=1) / math.log(2)).item()
+        self.log(f"{prefix}/nll_nats_per_{spec.sequence_name}", mean, rank_zero_only=True)
+        self.log(f"{prefix}/nll_nats_per_{spec.sequence_name}_ci95", ci, rank_zero_only=True)
+        self.log(f"{prefix}/nll_bits_per_{spec.token_name}", bits, rank_zero_only=True)
+        self.log(f"{prefix}/num_sequences", float(nll.numel()), rank_zero_only=True)
+        if prefix == "val":
+            self.log("val/loss", bits, prog_bar=True, rank_zero_only=True)
 
     def _random_init_model(self) -> nn.Module:
         # kept out of the module tree: not a submodule, not in checkpoints or optimizers

@@ -230,7 +230,14 @@ class ImageDataModule(TaskDataModule):
         )
         self.eval_batch_size = check_count("eval_batch_size", eval_batch_size)
         self.seed, self.data_seed = seed, data_seed
-        self.spec = TaskSpec("discrete", "bits", input_sizes=(resolution, resolution), name=dataset)
+        self.spec = TaskSpec(
+            "discrete",
+            "bits",
+            input_sizes=(resolution, resolution),
+            name=dataset,
+            sequence_name="image",
+            token_name="pixel",
+        )
         side = resolution
         rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
         self.coords = torch.stack([rows.flatten(), cols.flatten()], dim=-1)  # [HW, 2]

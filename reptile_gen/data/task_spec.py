@@ -26,6 +26,8 @@ class TaskSpec:
         output_kind: ``real`` (MSE over ``output_dim`` values), ``classes``
             (cross-entropy over ``output_dim`` classes) or ``bits`` (binary cross-entropy).
         name: the task's name, stored in checkpoints to refuse a mismatched one.
+        sequence_name, token_name: what one task and one element are called in metric
+            names (``line``/``char`` for text: ``nll_bits_per_char``; ``image``/``pixel``).
     """
 
     input_kind: str
@@ -34,6 +36,8 @@ class TaskSpec:
     input_sizes: tuple[int, ...] = ()
     output_dim: int = 1
     name: str = "task"
+    sequence_name: str = "seq"
+    token_name: str = "token"
 
     def __post_init__(self) -> None:
         if self.input_kind not in INPUT_KINDS:

@@ -123,7 +123,13 @@ class TextDataModule(TaskDataModule):
         self.eval_batch_size = check_count("eval_batch_size", eval_batch_size)
         self.seed = seed
         self.spec = TaskSpec(
-            "discrete", "classes", input_sizes=(max_len,), output_dim=256, name="text"
+            "discrete",
+            "classes",
+            input_sizes=(max_len,),
+            output_dim=256,
+            name="text",
+            sequence_name="line",
+            token_name="char",
         )
         self._loaded = False
 
