@@ -9,7 +9,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["MLP", "GatedMLP", "LSTMBlockStack", "Siren", "ACTIVATIONS"]
+__all__ = ["MLP", "GatedMLP", "LSTMBlockStack", "Siren", "LayerNorm", "ACTIVATIONS"]
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
 
@@ -75,6 +75,25 @@ class GatedMLP(nn.Module):
         return self.net(x)
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` written with elementary ops (same parameters, init, state dict).
+
+    The fused kernel's ``vmap`` batching rule for its backward gives wrong second-order
+    gradients with an affine LayerNorm (pytorch/functorch#534): exactly what the
+    functional engine computes for second-order MAML. The composite form is correct.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(-len(self.normalized_shape), 0))
+        centered = x - x.mean(dims, keepdim=True)
+        out = centered * torch.rsqrt(centered.pow(2).mean(dims, keepdim=True) + self.eps)
+        if self.weight is not None:
+            out = out * self.weight
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+
 class LSTMBlock(nn.Module):
     """An LSTM cell with no recurrence: its previous hidden and cell state are trainable
     parameters (``h0``, ``c0``) rather than the output of an earlier step (reptile-gen)."""
@@ -85,7 +104,7 @@ class LSTMBlock(nn.Module):
         self.state_to_gates = nn.Linear(hidden, 4 * hidden, bias=False)
         self.h0 = nn.Parameter(torch.zeros(hidden))
         self.c0 = nn.Parameter(torch.zeros(hidden))
-        self.norm = nn.LayerNorm(hidden) if layer_norm else nn.Identity()
+        self.norm = LayerNorm(hidden) if layer_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gates = self.input_to_gates(x) + self.state_to_gates(self.h0)
@@ -110,7 +129,7 @@ class LSTMBlockStack(nn.Module):
         if input_layer:
             layers += [nn.Linear(width, input_layer)]
             if layer_norm:
-                layers.append(nn.LayerNorm(input_layer))
+                layers.append(LayerNorm(input_layer))
             width = input_layer
         for h in _check_sizes(hidden_sizes):
             layers.append(LSTMBlock(width, h, layer_norm=layer_norm))
