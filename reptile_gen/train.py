@@ -2,7 +2,8 @@
 
 Composes ``conf/config.yaml``, instantiates the task's DataModule, the model and the
 algorithm's LightningModule, fits, tests, and writes ``metrics.json`` and plots into the
-run's Hydra directory.
+run's Hydra directory. The test-and-report part (:func:`test_and_report`) is shared with
+``python -m reptile_gen.eval``.
 """
 
 from __future__ import annotations
@@ -12,19 +13,35 @@ import time
 from pathlib import Path
 
 import hydra
+import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from reptile_gen.utils.instantiate import (
-    build_callbacks,
-    build_loggers,
-    build_run,
-    write_metrics,
-)
+from reptile_gen.utils.instantiate import build_run, build_trainer, write_metrics
 from reptile_gen.utils.runtime import check_config, finish_loggers, resolve_ckpt_path
 
-__all__ = ["train", "main"]
+__all__ = ["train", "test_and_report", "main"]
 
 log = logging.getLogger(__name__)
+
+
+def test_and_report(
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    out_dir: str | Path,
+    ckpt_path: str | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """Test ``module`` (with the weights of ``ckpt_path`` when given) on the task's fixed
+    test tasks, write ``out_dir/metrics.json`` (the ``test/`` metrics plus ``extra``) and
+    the task's plots (``datamodule.write_report``); returns the metrics written."""
+    out_dir = Path(out_dir)
+    trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+    metrics = write_metrics(trainer.callback_metrics, out_dir / "metrics.json", extra=extra)
+    if trainer.is_global_zero and hasattr(datamodule, "write_report"):
+        for path in datamodule.write_report(module, out_dir):
+            log.info("wrote %s", path)
+    return metrics
 
 
 def train(cfg: DictConfig) -> dict:
@@ -33,10 +50,7 @@ def train(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
     datamodule, module = build_run(cfg)
-    loggers = build_loggers(cfg)
-    trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False
-    )
+    trainer, loggers = build_trainer(cfg)
     try:
         started = time.perf_counter()
         if cfg.get("train", True):
@@ -49,15 +63,14 @@ def train(cfg: DictConfig) -> dict:
                 best = ckpt_path
             elif not cfg.get("test_best", True):
                 best = None
-            trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=False)
-            metrics |= write_metrics(
-                trainer.callback_metrics,
-                out_dir / "metrics.json",
+            metrics |= test_and_report(
+                trainer,
+                module,
+                datamodule,
+                out_dir,
+                ckpt_path=best,
                 extra={"fit_seconds": round(fit_seconds, 2)},
             )
-            if trainer.is_global_zero and hasattr(datamodule, "write_report"):
-                for path in datamodule.write_report(module, out_dir):
-                    log.info("wrote %s", path)
         return metrics
     finally:
         finish_loggers(loggers)

@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["build_run", "build_callbacks", "build_loggers", "write_metrics"]
+__all__ = ["build_run", "build_callbacks", "build_loggers", "build_trainer", "write_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,7 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     ``trainer.enable_progress_bar=false`` and the LR monitor without a logger (Lightning
     refuses both combinations)."""
     show_bar = cfg.trainer.get("enable_progress_bar", True)
-    has_logger = any(
-        c is not None and "_target_" in c for c in (cfg.get("logger") or {}).values()
-    )
+    has_logger = any(c is not None and "_target_" in c for c in (cfg.get("logger") or {}).values())
 
     def wanted(target: str) -> bool:
         if target.endswith("ProgressBar"):
@@ -61,6 +59,20 @@ def build_loggers(cfg: DictConfig) -> list:
         for c in (cfg.get("logger") or {}).values()
         if c is not None and "_target_" in c
     ]
+
+
+def build_trainer(cfg: DictConfig, checkpointing: bool = True) -> tuple[pl.Trainer, list]:
+    """``(trainer, loggers)`` from ``cfg.trainer`` with the configured callbacks and loggers;
+    ``checkpointing=False`` leaves the checkpoint callback out (evaluation writes none)."""
+    callbacks = build_callbacks(cfg)
+    if not checkpointing:
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.Checkpoint)]
+    loggers = build_loggers(cfg)
+    kwargs = {"enable_checkpointing": False} if not checkpointing else {}
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, **kwargs
+    )
+    return trainer, loggers
 
 
 def write_metrics(metrics: dict, path: str | Path, extra: dict | None = None) -> dict:

@@ -34,6 +34,12 @@ def check_config(cfg: DictConfig) -> None:
             "algorithm.objective=query with algorithm.inner_steps=null (online schedule): "
             "the query objective needs a few-shot schedule (inner_steps >= 1)"
         )
+    if algo.get("inner_loop") == "higher" and algo.get("vmap_chunk_size") is not None:
+        raise ConfigError(
+            f"algorithm.vmap_chunk_size={algo.get('vmap_chunk_size')!r} with "
+            "algorithm.inner_loop=higher: vmap chunks are an option of the functional "
+            "engine (higher loops over tasks); allowed with higher: null"
+        )
     precision = str(cfg.trainer.get("precision", "32-true"))
     if algo.get("inner_loop") == "higher" and precision.startswith(("16", "bf16")):
         raise ConfigError(

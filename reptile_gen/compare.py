@@ -1,0 +1,445 @@
+"""Compare runs in one chart and one table:
+``python -m reptile_gen.compare <dir> [<dir>...] [--out chart.png] [--metric mse]``
+(console script ``reptile-gen-compare``).
+
+Every ``metrics.json`` below the given dirs (a multirun dir, several run dirs, eval run
+dirs) is one run. Runs are labelled by the overrides that differ between them (from each
+run's ``.hydra/overrides.yaml``; ``seed`` and bookkeeping keys such as paths and loggers
+left out), e.g. ``algorithm=maml``, or, when no override differs, by the algorithm of their
+config. Runs with the same label but different seeds form one group: the chart draws each
+group's learning curve (test ``<metric>`` after k = 0..N adaptation steps, the
+``test/<metric>_step_k`` metrics) as the mean over seeds with a +- one standard deviation
+band, together with the random-initialisation baseline (``test/random_init/<metric>_step_k``
+averaged over the runs that have it): the "MAML vs first-order MAML vs Reptile vs transfer
+vs random init" figure. The table (label, seeds, metric at steps 0, 1 and 10 as mean +- std)
+is printed and written as ``comparison.md`` and ``comparison.json`` next to the chart
+(default chart: ``<first dir>/comparison.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "CompareError",
+    "Run",
+    "Group",
+    "find_metrics",
+    "load_run",
+    "label_runs",
+    "group_runs",
+    "summarize",
+    "format_table",
+    "plot_comparison",
+    "compare",
+    "main",
+]
+
+#: override keys that never tell runs apart (bookkeeping), and the seed (grouped over)
+SEED_KEYS = ("seed", "task.seed")
+IGNORED_KEYS = ("ckpt_path", "run_config", "task_name", "tags", "train", "test", "trainer")
+IGNORED_PREFIXES = (
+    "hydra",
+    "paths",
+    "logger",
+    "callbacks",
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.enable_progress_bar",
+)
+RANDOM_INIT = "random init"
+
+
+class CompareError(ValueError):
+    """Nothing to compare (no runs found, or none with the metric); the message says why."""
+
+
+@dataclass
+class Run:
+    """One run dir with a ``metrics.json``."""
+
+    dir: Path
+    metrics: dict
+    overrides: dict[str, str] = field(default_factory=dict)
+    choices: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def seed(self):
+        for key in SEED_KEYS:
+            if key in self.overrides:
+                return _number(self.overrides[key])
+        return self.config.get("seed")
+
+    def curve(self, metric: str, prefix: str = "test") -> list[float]:
+        """``[prefix/<metric>_step_0, _step_1, ...]`` up to the first missing step (NaN
+        where the value was not finite)."""
+        values = []
+        while f"{prefix}/{metric}_step_{len(values)}" in self.metrics:
+            value = self.metrics[f"{prefix}/{metric}_step_{len(values)}"]
+            values.append(math.nan if value is None else float(value))
+        return values
+
+
+@dataclass
+class Group:
+    """Runs with one label (different seeds): per-step mean and std over them."""
+
+    label: str
+    runs: list[Run]
+    mean: list[float]
+    std: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    @property
+    def seeds(self) -> list:
+        return [r.seed for r in self.runs]
+
+
+# ---------------------------------------------------------------------- loading
+def _number(text):
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        try:
+            return float(text)
+        except (TypeError, ValueError):
+            return text
+
+
+def _read_yaml(path: Path):
+    if not path.is_file():
+        return None
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return None
+
+
+def _parse_overrides(lines) -> dict[str, str]:
+    out = {}
+    for line in lines or []:
+        line = str(line).strip()
+        if not line or line.startswith("~") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        out[key.lstrip("+")] = value
+    return out
+
+
+def find_metrics(dirs) -> list[Path]:
+    """Every ``metrics.json`` below ``dirs`` (each dir may itself be a run dir)."""
+    found: dict[Path, None] = {}
+    for d in dirs:
+        d = Path(d)
+        if not d.exists():
+            raise CompareError(f"{str(d)!r}: no such directory")
+        candidates = [d] if d.is_file() else sorted(d.rglob("metrics.json"))
+        for path in candidates:
+            if path.name == "metrics.json" and path.is_file():
+                found.setdefault(path.resolve(), None)
+    if not found:
+        raise CompareError(
+            f"no metrics.json found below {', '.join(repr(str(d)) for d in dirs)} (every "
+            "train or eval run writes one into its run dir once it has tested; give a run "
+            "dir or a multirun dir)"
+        )
+    return list(found)
+
+
+def load_run(metrics_path: str | Path) -> Run:
+    """A run from its ``metrics.json`` and the ``.hydra/`` files next to it; an eval run
+    (``.hydra/eval_source.yaml``) inherits the overrides and choices of the run that wrote
+    its checkpoint, with its own overrides on top."""
+    path = Path(metrics_path)
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CompareError(f"{str(path)!r}: not a readable metrics.json ({err})") from err
+    hydra_dir = path.parent / ".hydra"
+    overrides = _parse_overrides(_read_yaml(hydra_dir / "overrides.yaml"))
+    hydra_yaml = _read_yaml(hydra_dir / "hydra.yaml") or {}
+    choices = dict(((hydra_yaml.get("hydra") or {}).get("runtime") or {}).get("choices") or {})
+    source = _read_yaml(hydra_dir / "eval_source.yaml")
+    if isinstance(source, dict):
+        overrides = _parse_overrides(source.get("run_overrides")) | _parse_overrides(
+            source.get("eval_overrides")
+        )
+        base = dict(source.get("run_choices") or {})
+        choices = base | {k: v for k, v in overrides.items() if k in base}
+    config = _read_yaml(hydra_dir / "config.yaml") or {}
+    return Run(path.parent, metrics, overrides, choices, config if isinstance(config, dict) else {})
+
+
+# ---------------------------------------------------------------------- labels and groups
+def algorithm_name(run: Run) -> str:
+    """``maml``, ``fomaml``, ``reptile``, ``joint``... from the run's config."""
+    algo = run.config.get("algorithm") or {}
+    target = str(algo.get("_target_", "")).rsplit(".", 1)[-1]
+    if target == "MAML" and algo.get("first_order"):
+        return "fomaml"
+    names = {"MAML": "maml", "FOMAML": "fomaml", "Reptile": "reptile", "JointTraining": "joint"}
+    if target in names:
+        return names[target]
+    return str(run.choices.get("algorithm") or target or run.dir.name)
+
+
+def _ignored(key: str) -> bool:
+    if key in SEED_KEYS or key in IGNORED_KEYS:
+        return True
+    return any(
+        key == p or key.startswith(p + ".") or key.startswith(p + "/") for p in IGNORED_PREFIXES
+    )
+
+
+def _value(run: Run, key: str) -> str:
+    if key in run.overrides:
+        return str(run.overrides[key])
+    if key == "algorithm":
+        return algorithm_name(run)
+    if run.choices.get(key) is not None:
+        return str(run.choices[key])
+    node = run.config
+    for part in key.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return "default"
+    return json.dumps(node) if isinstance(node, (list, dict)) else str(node)
+
+
+def label_runs(runs: list[Run]) -> list[str]:
+    """Label each run by the overrides whose values differ between the runs (seed and
+    bookkeeping keys left out); without any, by its algorithm. Sets ``run.label``."""
+    keys: list[str] = []
+    for run in runs:
+        keys += [k for k in run.overrides if not _ignored(k) and k not in keys]
+    varying = [k for k in keys if len({_value(r, k) for r in runs}) > 1]
+    for run in runs:
+        parts = [f"{k}={_value(run, k)}" for k in varying]
+        run.label = " ".join(parts) if parts else algorithm_name(run)
+    return [r.label for r in runs]
+
+
+def _mean_std(curves: list[list[float]]) -> tuple[list[float], list[float]]:
+    """Per-step mean and sample standard deviation (0 for one curve) over ``curves``,
+    truncated to the shortest; NaNs are left out of a step's statistics."""
+    length = min(len(c) for c in curves)
+    means, stds = [], []
+    for k in range(length):
+        values = [c[k] for c in curves if not math.isnan(c[k])]
+        if not values:
+            means.append(math.nan)
+            stds.append(math.nan)
+            continue
+        mean = sum(values) / len(values)
+        var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+        means.append(mean)
+        stds.append(math.sqrt(var))
+    return means, stds
+
+
+def group_runs(runs: list[Run], metric: str = "mse") -> tuple[list[Group], Group | None]:
+    """``(groups, random-init baseline)``: runs labelled (:func:`label_runs`) and grouped by
+    label, in order of first appearance; runs without the metric's curve are left out
+    (a :class:`CompareError` when none has it). The baseline averages
+    ``test/random_init/<metric>_step_k`` over every run that has it (None if none does)."""
+    with_curve = [r for r in runs if r.curve(metric)]
+    if not with_curve:
+        seen = sorted(
+            {
+                m.group(1)
+                for r in runs
+                for key in r.metrics
+                if (m := re.fullmatch(r"test/([^/]+)_step_0", key))
+            }
+        )
+        raise CompareError(
+            f"no run has the metric {metric!r} (test/{metric}_step_k); "
+            f"metrics found: {', '.join(seen) or 'none'} (choose one with --metric)"
+        )
+    label_runs(with_curve)
+    by_label: dict[str, list[Run]] = {}
+    for run in with_curve:
+        by_label.setdefault(run.label, []).append(run)
+    groups = [
+        Group(label, members, *_mean_std([r.curve(metric) for r in members]))
+        for label, members in by_label.items()
+    ]
+    baseline_runs = [r for r in with_curve if r.curve(metric, "test/random_init")]
+    baseline = None
+    if baseline_runs:
+        baseline = Group(
+            RANDOM_INIT,
+            baseline_runs,
+            *_mean_std([r.curve(metric, "test/random_init") for r in baseline_runs]),
+        )
+    return groups, baseline
+
+
+# ---------------------------------------------------------------------- outputs
+def _at(group: Group, step: int) -> dict | None:
+    if step >= len(group.mean) or math.isnan(group.mean[step]):
+        return None
+    return {"mean": group.mean[step], "std": group.std[step]}
+
+
+def _nan_to_none(values):
+    return [None if math.isnan(v) else v for v in values]
+
+
+def summarize(groups: list[Group], baseline: Group | None, metric: str, steps) -> dict:
+    """The comparison as a JSON-able dict (what ``comparison.json`` holds)."""
+
+    def entry(group: Group) -> dict:
+        return {
+            "label": group.label,
+            "n": group.n,
+            "seeds": group.seeds,
+            "runs": [str(r.dir) for r in group.runs],
+            "mean": _nan_to_none(group.mean),
+            "std": _nan_to_none(group.std),
+            "at_steps": {str(k): _at(group, k) for k in steps},
+        }
+
+    return {
+        "metric": metric,
+        "spread": "sample standard deviation over the runs of a group (seeds)",
+        "steps": list(steps),
+        "groups": [entry(g) for g in groups],
+        "random_init": entry(baseline) if baseline is not None else None,
+    }
+
+
+def format_table(groups: list[Group], baseline: Group | None, metric: str, steps) -> str:
+    """A Markdown table: label, seeds, the metric at ``steps`` (mean +- std)."""
+    header = ["label", "n seeds"] + [f"{metric.upper()}@{k}" for k in steps]
+    rows = []
+    for group in groups + ([baseline] if baseline is not None else []):
+        cells = [group.label, str(group.n)]
+        for k in steps:
+            at = _at(group, k)
+            cells.append("—" if at is None else f"{at['mean']:.4g} ± {at['std']:.2g}")
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+
+    def line(cells):
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), sep] + [line(r) for r in rows]) + "\n"
+
+
+def plot_comparison(
+    groups: list[Group], baseline: Group | None, path: str | Path, metric: str, log_y=True
+) -> Path:
+    """All learning curves in one chart: mean over seeds with a +- std band; the random
+    init baseline dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = [(g, {"marker": "o", "markersize": 3}) for g in groups]
+    if baseline is not None:
+        series.append((baseline, {"color": "k", "linestyle": "--"}))
+    for group, style in series:
+        steps = list(range(len(group.mean)))
+        label = f"{group.label} (n={group.n})" if group is not baseline else group.label
+        (line,) = ax.plot(steps, group.mean, label=label, **style)
+        low = [m - s for m, s in zip(group.mean, group.std)]
+        if log_y:  # keep the band on a log axis
+            low = [max(lo, m * 1e-3) for lo, m in zip(low, group.mean)]
+        high = [m + s for m, s in zip(group.mean, group.std)]
+        ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("adaptation steps")
+    ax.set_ylabel(f"test {metric}")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_title(f"test {metric} after k adaptation steps (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def compare(
+    dirs, out: str | Path | None = None, metric: str = "mse", steps=(0, 1, 10), log_y=True
+) -> dict:
+    """Find, group, plot and tabulate; returns the summary (``comparison.json``) with the
+    paths written under ``"files"``."""
+    if not dirs:
+        raise CompareError("give at least one run or multirun dir")
+    runs = [load_run(p) for p in find_metrics(dirs)]
+    groups, baseline = group_runs(runs, metric)
+    chart = Path(out) if out else Path(dirs[0]) / "comparison.png"
+    plot_comparison(groups, baseline, chart, metric, log_y=log_y)
+    summary = summarize(groups, baseline, metric, steps)
+    table = format_table(groups, baseline, metric, steps)
+    md, js = chart.parent / "comparison.md", chart.parent / "comparison.json"
+    md.write_text(f"# Test {metric} after k adaptation steps\n\n![chart]({chart.name})\n\n{table}")
+    summary["chart"] = str(chart)
+    js.write_text(json.dumps(summary, indent=2) + "\n")
+    summary["table"] = table
+    summary["files"] = [str(chart), str(md), str(js)]
+    return summary
+
+
+def _steps(text: str) -> list[int]:
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give steps as integers, e.g. 0,1,10") from None
+    if not steps or min(steps) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give steps >= 0, e.g. 0,1,10")
+    return steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="reptile-gen-compare",
+        description="Compare the learning curves of runs (multirun or run dirs) in one chart "
+        "and one table (seeds grouped: mean ± std).",
+    )
+    parser.add_argument("dirs", nargs="+", help="run dirs or multirun dirs (searched recursively)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="chart path (default: <first dir>/comparison.png); "
+        "comparison.md and comparison.json are written next to it",
+    )
+    parser.add_argument("--metric", default="mse", help="test metric name (default: mse)")
+    parser.add_argument(
+        "--steps", type=_steps, default=[0, 1, 10], help="table columns (default: 0,1,10)"
+    )
+    parser.add_argument("--linear", action="store_true", help="linear y axis (default: log)")
+    args = parser.parse_args(argv)
+    try:
+        summary = compare(args.dirs, args.out, args.metric, args.steps, log_y=not args.linear)
+    except CompareError as err:
+        parser.error(str(err))
+    print(summary["table"], end="")
+    for path in summary["files"]:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""The real command lines, as subprocesses from the repo root: a two-algorithm multirun of
+train, eval of one of its checkpoints into a new run dir, compare of the sweep, the clear
+error of a missing checkpoint, and the console scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO_ROOT, TINY
+
+BIN = Path(sys.executable).parent
+#: fewer adaptation steps scored than the default 10: each one costs time in test
+EVAL_STEPS = 3
+
+
+def run_cli(args, project_root, timeout=300) -> subprocess.CompletedProcess:
+    """``python <args>`` from the repo root, offline, with outputs under ``project_root``."""
+    env = dict(os.environ, WANDB_MODE="offline", PROJECT_ROOT=str(project_root))
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+    return proc
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return tmp_path_factory.mktemp("project")
+
+
+@pytest.fixture(scope="module")
+def sweep(project):
+    """``python -m reptile_gen.train -m algorithm=maml,reptile`` (tiny) into a sweep dir."""
+    sweep_dir = project / "sweep"
+    check(
+        run_cli(
+            [
+                "-m",
+                "reptile_gen.train",
+                "-m",
+                "algorithm=maml,reptile",
+                *TINY,
+                f"algorithm.eval_inner_steps={EVAL_STEPS}",
+                f"hydra.sweep.dir={sweep_dir}",
+            ],
+            project,
+        )
+    )
+    return sweep_dir
+
+
+def test_multirun_writes_one_run_dir_per_job(sweep):
+    for job, algorithm in (("0", "maml"), ("1", "reptile")):
+        run_dir = sweep / job
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert f"test/mse_step_{EVAL_STEPS}" in metrics
+        assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+        overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+        assert f"algorithm={algorithm}" in overrides
+
+
+def test_eval_of_a_checkpoint_writes_a_new_run_dir(sweep, project):
+    train_dir = sweep / "1"  # the Reptile job: not the eval app's default algorithm
+    train_metrics = (train_dir / "metrics.json").read_text()
+    runs = project / "outputs" / "eval" / "runs"
+    before = set(runs.iterdir()) if runs.exists() else set()
+    proc = check(
+        run_cli(
+            [
+                "-m",
+                "reptile_gen.eval",
+                f"ckpt_path={train_dir / 'checkpoints' / 'last.ckpt'}",
+                "task.num_test_tasks=6",
+                "trainer.enable_progress_bar=false",
+            ],
+            project,
+        )
+    )
+    new = set(runs.iterdir()) - before
+    assert len(new) == 1, (new, proc.stderr[-2000:])
+    eval_dir = new.pop()
+    assert eval_dir != train_dir
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert f"test/mse_step_{EVAL_STEPS}" in metrics and "test/random_init/mse_step_0" in metrics
+    assert metrics["ckpt_path"].endswith("last.ckpt")
+    assert (eval_dir / "learning_curve.png").is_file() and (eval_dir / "fit.png").is_file()
+    hydra_dir = eval_dir / ".hydra"
+    config = yaml.safe_load((hydra_dir / "config.yaml").read_text())
+    assert config["algorithm"]["_target_"].endswith("Reptile")  # the run's own config
+    assert config["task"]["num_test_tasks"] == 6  # with the override on top
+    assert config["task"]["num_val_tasks"] == 4  # and the run's own overrides kept
+    assert "task.num_test_tasks=6" in yaml.safe_load((hydra_dir / "overrides.yaml").read_text())
+    source = yaml.safe_load((hydra_dir / "eval_source.yaml").read_text())
+    assert Path(source["run_dir"]) == train_dir.resolve()
+    assert (train_dir / "metrics.json").read_text() == train_metrics  # the run is untouched
+
+
+def test_eval_missing_checkpoint_fails_clearly(project, tmp_path):
+    missing = tmp_path / "no_such.ckpt"
+    proc = run_cli(["-m", "reptile_gen.eval", f"ckpt_path={missing}"], project, timeout=120)
+    assert proc.returncode != 0
+    assert f"ckpt_path='{missing}': no such checkpoint file" in proc.stderr
+
+
+def test_compare_of_the_sweep(sweep, project):
+    proc = check(run_cli(["-m", "reptile_gen.compare", str(sweep)], project, timeout=120))
+    assert "algorithm=maml" in proc.stdout and "algorithm=reptile" in proc.stdout
+    assert "random init" in proc.stdout
+    assert (sweep / "comparison.png").stat().st_size > 0
+    assert "| label" in (sweep / "comparison.md").read_text()
+    summary = json.loads((sweep / "comparison.json").read_text())
+    assert [g["label"] for g in summary["groups"]] == ["algorithm=maml", "algorithm=reptile"]
+    assert len(summary["groups"][0]["mean"]) == EVAL_STEPS + 1
+
+
+def test_compare_without_runs_fails_clearly(project, tmp_path):
+    proc = run_cli(["-m", "reptile_gen.compare", str(tmp_path)], project, timeout=120)
+    assert proc.returncode == 2 and "no metrics.json found" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["reptile-gen-train", "reptile-gen-eval", "reptile-gen-compare"])
+def test_console_scripts_exist(name):
+    script = BIN / name
+    assert script.is_file() and os.access(script, os.X_OK), f"{script} missing: pip install -e ."
