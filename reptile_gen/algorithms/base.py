@@ -127,13 +127,18 @@ class MetaLearner(pl.LightningModule):
             **kwargs,
         )
 
-    def objective_loss(self, result) -> torch.Tensor:
-        """The meta-objective of one inner loop, averaged over tasks."""
+    def objective_loss(self, result, batch: TaskBatch) -> torch.Tensor:
+        """The meta-objective of one inner loop over a meta-batch.
+
+        ``query``: the query loss after adaptation, averaged over tasks. ``online``: the
+        summed online NLL of the batch's sequences divided by their number of real
+        elements (padding excluded), so the outer step size does not depend on sequence
+        length or on how far a batch is padded.
+        """
         if self.objective == "query":
             return result.final_query_loss.mean()
-        # online NLL per task, divided by the number of real elements so the outer step
-        # size does not depend on sequence length
-        return result.element_losses.sum(1).mean() / max(result.element_losses.shape[1], 1)
+        real = batch.support_mask.sum().clamp(min=1).to(result.element_losses.dtype)
+        return result.element_losses.sum() / real
 
     # ------------------------------------------------------------------ training
     def meta_loss(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

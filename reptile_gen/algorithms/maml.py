@@ -25,7 +25,7 @@ class MAML(MetaLearner):
         if self.objective == "query" and not batch.has_query:
             raise ValueError("algorithm.objective=query needs a task with a query set")
         result = self.adapt(batch, self.grad_mode)
-        loss = self.objective_loss(result)
+        loss = self.objective_loss(result, batch)
         logs = {"support_loss_pre": result.step_losses[:, 0].mean().detach()}
         return loss, logs
 

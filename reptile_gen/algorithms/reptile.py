@@ -36,7 +36,7 @@ class Reptile(MetaLearner):
             loss = loss + 0.5 * (theta - target).pow(2).sum()
         logs = {"support_loss_pre": result.step_losses[:, 0].mean().detach()}
         if self.objective == "online":
-            logs["online_loss"] = self.objective_loss(result).detach()
+            logs["online_loss"] = self.objective_loss(result, batch).detach()
         elif batch.has_query:
             logs["query_loss"] = result.final_query_loss.mean().detach()
         return loss, logs
