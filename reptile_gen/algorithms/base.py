@@ -47,6 +47,11 @@ class MetaLearner(pl.LightningModule):
         eval_random_init: also score the freshly initialised model at test time (the
             random-initialisation baseline).
         vmap_chunk_size: tasks per ``vmap`` chunk for the functional engine.
+        checkpoint_segments: second-order MAML over long inner loops: ``null`` (keep the
+            whole unroll), ``auto`` (sqrt(T) segments recomputed in backward, exact) or a
+            segment count. Functional engine only.
+        truncate_steps: second-order MAML differentiates through only the last ``k``
+            inner updates (older ones first-order); ``null`` for all.
     """
 
     #: what flows back through the inner loop (set by subclasses)
@@ -70,6 +75,8 @@ class MetaLearner(pl.LightningModule):
         eval_inner_steps: int = 10,
         eval_random_init: bool = True,
         vmap_chunk_size: int | None = None,
+        checkpoint_segments: int | str | None = None,
+        truncate_steps: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "task_spec"])
@@ -90,8 +97,24 @@ class MetaLearner(pl.LightningModule):
         self.task_spec = task_spec
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
         self.scheduler_factory = scheduler
-        opts = {"chunk_size": vmap_chunk_size} if inner_loop == "functional" else {}
-        self.engine: InnerLoopEngine = make_engine(inner_loop, inner_optimizer, **opts)
+        if self.grad_mode != "second_order":
+            for key, value in (
+                ("checkpoint_segments", checkpoint_segments),
+                ("truncate_steps", truncate_steps),
+            ):
+                if value is not None:
+                    raise ValueError(
+                        f"algorithm.{key}={value!r} with {type(self).__name__}: only "
+                        "second-order MAML keeps an unroll to checkpoint or truncate; "
+                        "allowed: null"
+                    )
+        self.engine: InnerLoopEngine = make_engine(
+            inner_loop,
+            inner_optimizer,
+            chunk_size=vmap_chunk_size,
+            checkpoint_segments=checkpoint_segments,
+            truncate_steps=truncate_steps,
+        )
         self.inner_lr = InnerLR(
             [(n, p.shape) for n, p in model.named_parameters()], inner_lr, inner_lr_learned
         )

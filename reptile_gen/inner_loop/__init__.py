@@ -46,10 +46,13 @@ def make_engine(name: str, inner_optimizer: dict | None = None, **options) -> In
                 f"algorithm.inner_optimizer.name={opt_name!r}; allowed with "
                 f"algorithm.inner_loop=higher: {', '.join(INNER_OPTIMIZERS)}"
             )
-        if options:
+        truncate_steps = options.pop("truncate_steps", None)
+        unsupported = sorted(k for k, v in options.items() if v not in (None, 1))
+        if unsupported:
             raise ValueError(
-                f"algorithm.inner_loop=higher does not take {sorted(options)} "
-                "(options of the functional engine)"
+                f"algorithm.inner_loop=higher does not support algorithm."
+                f"{unsupported[0]}={options[unsupported[0]]!r} (a functional-engine option; "
+                "use algorithm.inner_loop=functional, or leave it null)"
             )
-        return HigherEngine(opt_name, inner_optimizer)
+        return HigherEngine(opt_name, inner_optimizer, truncate_steps=truncate_steps)
     raise ValueError(f"algorithm.inner_loop={name!r}; allowed: {', '.join(ENGINES)}")

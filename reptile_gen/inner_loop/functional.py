@@ -1,6 +1,21 @@
-"""The default engine: ``torch.func`` (``functional_call`` + ``grad`` + ``vmap`` over tasks)."""
+"""The default engine: ``torch.func`` (``functional_call`` + ``grad`` + ``vmap`` over tasks).
+
+Long sequences (784 MNIST steps) make the second-order unroll too big to keep: each step
+holds a per-task copy of every parameter. Two remedies, chosen by config:
+
+* **segment checkpointing** (``checkpoint_segments``): the steps are cut into segments
+  (``auto``: about sqrt(T) of them). Forward keeps only each segment's input parameters;
+  backward recomputes one segment with its graph and feeds the segment's output gradient
+  in (:class:`_CheckpointedSegment`, a hand-written ``autograd.Function``: the reentrant
+  ``torch.utils.checkpoint`` refuses ``autograd.grad`` inside and the non-reentrant one
+  refuses ``torch.func.grad``). Gradients equal the full unroll's.
+* **truncation** (``truncate_steps=k``): only the last ``k`` inner updates are
+  differentiated through; older ones are treated as constants (first-order).
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -16,7 +31,21 @@ from reptile_gen.inner_loop.base import (
 )
 from reptile_gen.inner_loop.schedule import InnerLR, InnerSchedule
 
-__all__ = ["FunctionalEngine"]
+__all__ = ["FunctionalEngine", "num_segments"]
+
+
+def num_segments(setting, num_steps: int) -> int:
+    """Segments for ``checkpoint_segments`` = ``None`` (1: no checkpointing), ``auto``
+    (``ceil(sqrt(T))``) or an integer (capped at the number of steps)."""
+    if setting in (None, 0, 1, False):
+        return 1
+    if setting == "auto":
+        return max(1, math.ceil(math.sqrt(num_steps)))
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
+        raise ValueError(
+            f"algorithm.checkpoint_segments={setting!r}; allowed: null, auto, or an integer >= 1"
+        )
+    return max(1, min(setting, num_steps))
 
 
 class FunctionalEngine(InnerLoopEngine):
@@ -28,14 +57,33 @@ class FunctionalEngine(InnerLoopEngine):
     learned (scalar, per-tensor, per-parameter) inner learning rates, and masks.
 
     Args:
-        chunk_size: tasks per ``vmap`` chunk (None: all at once). Smaller chunks bound
-            memory on large meta-batches.
+        chunk_size: tasks per ``vmap`` chunk (None: all at once).
+        checkpoint_segments: ``None``, ``auto`` (sqrt(T) segments) or a segment count:
+            recompute-in-backward for second-order gradients of long inner loops.
+        truncate_steps: differentiate only through the last ``k`` inner updates (None:
+            all of them).
     """
 
     name = "functional"
 
-    def __init__(self, chunk_size: int | None = None) -> None:
+    def __init__(
+        self,
+        chunk_size: int | None = None,
+        checkpoint_segments: int | str | None = None,
+        truncate_steps: int | None = None,
+    ) -> None:
+        num_segments(checkpoint_segments, 1)  # validates
+        if truncate_steps is not None and (
+            isinstance(truncate_steps, bool)
+            or not isinstance(truncate_steps, int)
+            or truncate_steps < 0
+        ):
+            raise ValueError(
+                f"algorithm.truncate_steps={truncate_steps!r}; allowed: null or an integer >= 0"
+            )
         self.chunk_size = chunk_size
+        self.checkpoint_segments = checkpoint_segments
+        self.truncate_steps = truncate_steps
 
     def run(
         self,
@@ -49,62 +97,201 @@ class FunctionalEngine(InnerLoopEngine):
         track_query: bool = False,
         return_adapted: bool = False,
     ) -> InnerLoopResult:
-        params = dict(model.named_parameters())
+        names = [n for n, _ in model.named_parameters()]
+        theta = [p for _, p in model.named_parameters()]
         rates = lr.rates_by_name()
         if grad_mode == "none":
-            params = {k: v.detach() for k, v in params.items()}
+            theta = [p.detach() for p in theta]
             rates = {k: (r.detach() if torch.is_tensor(r) else r) for k, r in rates.items()}
-        buffers = dict(model.named_buffers())
+        num_tasks = batch.num_tasks
+        # every task starts from the shared initial parameters (a view, no copy)
+        params = [p.expand(num_tasks, *p.shape) for p in theta]
         slices = schedule.slices(batch.support_x.shape[1])
         records = first_visit(slices)
-        has_query = batch.has_query
-        first_order = grad_mode == "first_order"
+        num_steps = len(slices)
+        truncate = self.truncate_steps if grad_mode == "second_order" else None
+        first_order_before = (
+            num_steps
+            if grad_mode == "first_order"
+            else (max(num_steps - truncate, 0) if truncate is not None else 0)
+        )
+        runner = _SegmentRunner(
+            model, names, loss_fn, rates, self.chunk_size, track_query and batch.has_query
+        )
+        data = (batch.support_x, batch.support_y, batch.support_mask)
+        query = (batch.query_x, batch.query_y) if batch.has_query else None
+
+        segments = 1
+        if grad_mode == "second_order" and torch.is_grad_enabled():
+            segments = num_segments(self.checkpoint_segments, num_steps)
+        bounds = [round(i * num_steps / segments) for i in range(segments + 1)]
+
+        step_losses, element_losses, query_losses = [], [], []
+        if query is not None and track_query:
+            query_losses.append(runner.query_losses(params, query))
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            steps = [
+                (slices[i][0], slices[i][1], records[i], i < first_order_before)
+                for i in range(a, b)
+            ]
+            if segments > 1:
+                outs = _CheckpointedSegment.apply(
+                    runner, steps, query, data, len(params), *params, *runner.rate_tensors
+                )
+            else:
+                outs = runner.segment(steps, query, data, params, runner.rate_tensors)
+            params = list(outs[: len(names)])
+            seg_steps, seg_elements, seg_query = outs[len(names) :]
+            step_losses.append(seg_steps)
+            if seg_elements.shape[1]:
+                element_losses.append(seg_elements)
+            if query is not None and track_query:
+                query_losses.append(seg_query)
+        if query is not None and not track_query:
+            query_losses.append(runner.query_losses(params, query))
+
+        elements = (
+            torch.cat(element_losses, 1)
+            if element_losses
+            else batch.support_x.new_zeros((num_tasks, 0), dtype=step_losses[0].dtype)
+        )
+        return InnerLoopResult(
+            step_losses=torch.cat(step_losses, 1),
+            element_losses=_pad_to(elements, batch.support_x.shape[1]),
+            query_losses=(
+                torch.cat([q.reshape(num_tasks, -1) for q in query_losses], 1)
+                if query is not None
+                else None
+            ),
+            adapted=dict(zip(names, params)) if return_adapted else None,
+        )
+
+
+class _SegmentRunner:
+    """Runs a stretch of inner steps for all tasks at once (``vmap`` over tasks)."""
+
+    def __init__(self, model, names, loss_fn, rates, chunk_size, track_query) -> None:
+        self.model = model
+        self.names = names
+        self.loss_fn = loss_fn
+        # learned rates become explicit inputs (so a checkpointed segment can return
+        # their gradients); fixed ones stay floats
+        self.rate_tensors = list(
+            dict.fromkeys(r for r in rates.values() if torch.is_tensor(r)).keys()
+        )
+        index = {id(t): i for i, t in enumerate(self.rate_tensors)}
+        self.rate_slots = {
+            k: index[id(r)] if torch.is_tensor(r) else None for k, r in rates.items()
+        }
+        self.fixed_rates = {k: r for k, r in rates.items() if not torch.is_tensor(r)}
+        self.chunk_size = chunk_size
+        self.track_query = track_query
+        self.buffers = dict(model.named_buffers())
 
         def step_loss(p, x, y, m):
-            elements = loss_fn(functional_call(model, (p, buffers), (x,)), y)
+            elements = loss_fn(functional_call(model, (p, self.buffers), (x,)), y)
             return masked_mean(elements, m), elements * m.to(elements.dtype)
 
-        step_grad = grad(step_loss, has_aux=True)
+        self.step_grad = grad(step_loss, has_aux=True)
 
-        def query_loss(p, qx, qy):
-            return loss_fn(functional_call(model, (p, buffers), (qx,)), qy).mean()
+    def _query_loss(self, p, qx, qy):
+        return self.loss_fn(functional_call(self.model, (p, self.buffers), (qx,)), qy).mean()
 
-        def one_task(sx, sy, sm, qx, qy):
-            p = params
+    def query_losses(self, params, query) -> torch.Tensor:
+        """``[B]`` query loss at batched ``params``."""
+
+        def one(qx, qy, *p):
+            return self._query_loss(dict(zip(self.names, p)), qx, qy)
+
+        return vmap(one, chunk_size=self.chunk_size)(*query, *params)
+
+    def rates(self, rate_tensors) -> dict:
+        """``{name: rate}`` with the learned rates taken from ``rate_tensors``."""
+        return {
+            k: (self.fixed_rates[k] if slot is None else rate_tensors[slot])
+            for k, slot in self.rate_slots.items()
+        }
+
+    def segment(self, steps, query, data, params, rate_tensors):
+        """Run ``steps`` (``(start, end, record, first_order)`` each) from batched
+        ``params`` with the learned rates ``rate_tensors``; returns the new params,
+        ``[B, n]`` step losses, ``[B, e]`` element losses of the recorded steps, and
+        ``[B, n]`` query losses (if tracked)."""
+        track_query = self.track_query and query is not None
+        rates = self.rates(rate_tensors)
+
+        def one_task(sx, sy, sm, qx, qy, *flat):
+            p = dict(zip(self.names, flat))
             step_losses, element_losses, query_losses = [], [], []
-            if has_query and track_query:
-                query_losses.append(query_loss(p, qx, qy))
-            for (start, end), record in zip(slices, records):
+            for start, end, record, first_order in steps:
                 x, y, m = sx[start:end], sy[start:end], sm[start:end]
-                grads, elements = step_grad(p, x, y, m)
-                # the loss value again, from the aux elements (no second forward pass)
+                grads, elements = self.step_grad(p, x, y, m)
+                # the step's loss again from its elements (no second forward pass)
                 step_losses.append(elements.sum() / m.sum().clamp(min=1).to(elements.dtype))
                 if record:
                     element_losses.append(elements)
                 if first_order:
                     grads = {k: g.detach() for k, g in grads.items()}
                 p = {k: p[k] - rates[k] * grads[k] for k in p}
-                if has_query and track_query:
-                    query_losses.append(query_loss(p, qx, qy))
-            if has_query and not track_query:
-                query_losses.append(query_loss(p, qx, qy))
-            out = (
-                torch.stack(step_losses),
-                torch.cat(element_losses),
-                torch.stack(query_losses) if has_query else torch.zeros(()),
+                if track_query:
+                    query_losses.append(self._query_loss(p, qx, qy))
+            zero = sx.new_zeros((0,), dtype=flat[0].dtype)
+            return (
+                *(p[k] for k in self.names),
+                torch.stack(step_losses) if step_losses else zero,
+                torch.cat(element_losses) if element_losses else zero,
+                torch.stack(query_losses) if query_losses else zero,
             )
-            return out + ((p,) if return_adapted else ())
 
-        qx = batch.query_x if has_query else batch.support_x
-        qy = batch.query_y if has_query else batch.support_y
-        outs = vmap(one_task, chunk_size=self.chunk_size, randomness="different")(
-            batch.support_x, batch.support_y, batch.support_mask, qx, qy
+        qx, qy = query if query is not None else (data[0], data[1])
+        return vmap(one_task, chunk_size=self.chunk_size, randomness="different")(
+            *data, qx, qy, *params
         )
-        return InnerLoopResult(
-            step_losses=outs[0],
-            element_losses=_pad_to(outs[1], batch.support_x.shape[1]),
-            query_losses=outs[2] if has_query else None,
-            adapted=outs[3] if return_adapted else None,
+
+
+class _CheckpointedSegment(torch.autograd.Function):
+    """One segment of the inner loop, recomputed in backward (exact gradients, memory of
+    one segment's unroll instead of all of them).
+
+    Forward runs the segment without keeping its graph and saves only its inputs.
+    Backward re-runs it from those inputs with the graph (second order included) and
+    backpropagates the incoming output gradients through it to the segment's input
+    parameters and to the learned inner learning rates.
+    """
+
+    @staticmethod
+    def forward(ctx, runner, steps, query, data, num_params, *tensors):
+        ctx.runner, ctx.steps, ctx.query, ctx.data = runner, steps, query, data
+        ctx.num_params = num_params
+        ctx.save_for_backward(*tensors)
+        with torch.no_grad():
+            outs = runner.segment(
+                steps, query, data, list(tensors[:num_params]), list(tensors[num_params:])
+            )
+        return tuple(o.detach() for o in outs)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
+        n = ctx.num_params
+        with torch.enable_grad():
+            outs = ctx.runner.segment(ctx.steps, ctx.query, ctx.data, inputs[:n], inputs[n:])
+        pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(
+            torch.autograd.grad(
+                [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True
+            )
+            if pairs and wanted
+            else [None] * len(wanted)
+        )
+        return (
+            None,
+            None,
+            None,
+            None,
+            None,
+            *(next(grads) if t.requires_grad else None for t in inputs),
         )
 
 

@@ -49,9 +49,15 @@ class HigherEngine(InnerLoopEngine):
 
     name = "higher"
 
-    def __init__(self, inner_optimizer: str = "sgd", inner_optimizer_kwargs: dict | None = None):
+    def __init__(
+        self,
+        inner_optimizer: str = "sgd",
+        inner_optimizer_kwargs: dict | None = None,
+        truncate_steps: int | None = None,
+    ):
         self.inner_optimizer = inner_optimizer
         self.inner_optimizer_kwargs = dict(inner_optimizer_kwargs or {})
+        self.truncate_steps = truncate_steps
 
     def run(
         self,
@@ -72,16 +78,19 @@ class HigherEngine(InnerLoopEngine):
         override = None
         if lr.is_learned:
             override = {
-                "lr": [
-                    rates[n].detach() if grad_mode == "none" else rates[n] for n in names
-                ]
+                "lr": [rates[n].detach() if grad_mode == "none" else rates[n] for n in names]
             }
         optimizer = INNER_OPTIMIZERS[self.inner_optimizer](
             [{"params": [p]} for p in model.parameters()], lr=lr.init, **self.inner_optimizer_kwargs
         )
         slices = schedule.slices(batch.support_x.shape[1])
         records = first_visit(slices)
-        callback = _detach_all if grad_mode == "first_order" else None
+        # steps before first_order_before have their inner gradients treated as constants
+        first_order_before = 0
+        if grad_mode == "first_order":
+            first_order_before = len(slices)
+        elif grad_mode == "second_order" and self.truncate_steps is not None:
+            first_order_before = max(len(slices) - self.truncate_steps, 0)
         has_query = batch.has_query
 
         per_task = []
@@ -95,13 +104,13 @@ class HigherEngine(InnerLoopEngine):
                 override=override,
             ) as (fmodel, diffopt):
 
-                def query_loss():
+                def query_loss(b=b):
                     return loss_fn(fmodel(batch.query_x[b]), batch.query_y[b]).mean()
 
                 step_losses, element_losses, query_losses = [], [], []
                 if has_query and track_query:
                     query_losses.append(query_loss())
-                for (start, end), record in zip(slices, records):
+                for i, ((start, end), record) in enumerate(zip(slices, records)):
                     x, y, m = sx[start:end], sy[start:end], sm[start:end]
                     elements = loss_fn(fmodel(x), y)
                     loss = masked_mean(elements, m)
@@ -109,7 +118,10 @@ class HigherEngine(InnerLoopEngine):
                     if record:
                         element_losses.append(elements * m.to(elements.dtype))
                     if bool(m.any()):
-                        diffopt.step(loss, grad_callback=callback)
+                        diffopt.step(
+                            loss,
+                            grad_callback=_detach_all if i < first_order_before else None,
+                        )
                     if has_query and track_query:
                         query_losses.append(query_loss())
                 if has_query and not track_query:
@@ -126,7 +138,9 @@ class HigherEngine(InnerLoopEngine):
         return InnerLoopResult(
             step_losses=torch.stack([torch.stack(t[0]) for t in per_task]),
             element_losses=element_losses,
-            query_losses=(torch.stack([torch.stack(t[2]) for t in per_task]) if has_query else None),
+            query_losses=(
+                torch.stack([torch.stack(t[2]) for t in per_task]) if has_query else None
+            ),
             adapted=(
                 {n: torch.stack([t[3][i] for t in per_task]) for i, n in enumerate(names)}
                 if return_adapted
