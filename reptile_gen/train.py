@@ -37,6 +37,11 @@ def test_and_report(
     the task's plots (``datamodule.write_report``); returns the metrics written."""
     out_dir = Path(out_dir)
     trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+    extra = (
+        {**datamodule.metrics_extra(), **(extra or {})}
+        if hasattr(datamodule, "metrics_extra")
+        else extra
+    )
     metrics = write_metrics(trainer.callback_metrics, out_dir / "metrics.json", extra=extra)
     if trainer.is_global_zero and hasattr(datamodule, "write_report"):
         for path in datamodule.write_report(module, out_dir):

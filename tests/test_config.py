@@ -142,7 +142,7 @@ BAD = [
         ["algorithm.inner_lr_learned=bogus"],
         "inner_lr_learned='bogus'; allowed: none, scalar, per_tensor, per_parameter",
     ),
-    (["algorithm.objective=foo"], "algorithm.objective='foo'; allowed: query, online"),
+    (["algorithm.objective=foo"], "algorithm.objective='foo'; allowed: auto, query, online"),
     (["ckpt_path=/no/such/file.ckpt"], "ckpt_path='/no/such/file.ckpt': no such checkpoint file"),
 ]
 

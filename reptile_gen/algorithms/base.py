@@ -38,11 +38,13 @@ class MetaLearner(pl.LightningModule):
         inner_optimizer: ``{name: sgd|adam|..., **kwargs}``; non-SGD needs ``higher``.
         inner_lr: each task's inner step size (never scaled by the meta-batch size).
         inner_lr_learned: ``none|scalar|per_tensor|per_parameter`` (Meta-SGD).
-        inner_steps: inner steps per task in training on the whole support set; ``None``
-            for the online schedule (one step per ``inner_batch_size`` elements).
+        inner_steps: few-shot tasks: inner steps per task in training, each on the whole
+            support set. Sequence tasks (``task_spec.sequential``) and ``None`` use the
+            online schedule instead: one step per ``inner_batch_size`` elements.
         inner_batch_size: elements per inner step in the online schedule.
-        objective: ``query`` (loss on the query set after adaptation) or ``online``
-            (sum of pre-update losses along the support sequence: its NLL).
+        objective: ``query`` (loss on the query set after adaptation), ``online`` (sum
+            of pre-update losses along the support sequence: its NLL), or ``auto``
+            (online for sequence tasks, query otherwise).
         eval_inner_steps: adaptation steps scored in validation and test (few-shot).
         eval_random_init: also score the freshly initialised model at test time (the
             random-initialisation baseline).
@@ -71,7 +73,7 @@ class MetaLearner(pl.LightningModule):
         inner_lr_learned: str = "none",
         inner_steps: int | None = 1,
         inner_batch_size: int = 1,
-        objective: str = "query",
+        objective: str = "auto",
         eval_inner_steps: int = 10,
         eval_random_init: bool = True,
         vmap_chunk_size: int | None = None,
@@ -85,8 +87,17 @@ class MetaLearner(pl.LightningModule):
             _check_positive("algorithm.inner_steps", inner_steps, int)
         _check_positive("algorithm.inner_batch_size", inner_batch_size, int)
         _check_positive("algorithm.eval_inner_steps", eval_inner_steps, int, allow_zero=True)
-        if objective not in ("query", "online"):
-            raise ValueError(f"algorithm.objective={objective!r}; allowed: query, online")
+        if objective not in ("auto", "query", "online"):
+            raise ValueError(f"algorithm.objective={objective!r}; allowed: auto, query, online")
+        # sequence tasks always run the online schedule (one SGD step per element)
+        sequential = task_spec.sequential or inner_steps is None
+        if objective == "auto":
+            objective = "online" if sequential else "query"
+        if objective == "query" and sequential:
+            raise ValueError(
+                f"algorithm.objective=query with task {task_spec.name!r}: a sequence task "
+                "has no query set; allowed: online (or auto)"
+            )
         if inner_lr_learned != "none" and not self.learns_inner_lr:
             raise ValueError(
                 f"algorithm.inner_lr_learned={inner_lr_learned!r} with "
@@ -119,7 +130,7 @@ class MetaLearner(pl.LightningModule):
             [(n, p.shape) for n, p in model.named_parameters()], inner_lr, inner_lr_learned
         )
         self.objective = objective
-        self.train_schedule = InnerSchedule(inner_steps, inner_batch_size)
+        self.train_schedule = InnerSchedule(None if sequential else inner_steps, inner_batch_size)
         self.eval_inner_steps = eval_inner_steps
         self.eval_random_init = eval_random_init
         # The random-initialisation baseline: the weights before any meta-training.

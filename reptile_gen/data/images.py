@@ -235,6 +235,7 @@ class ImageDataModule(TaskDataModule):
             "bits",
             input_sizes=(resolution, resolution),
             name=dataset,
+            sequential=True,
             sequence_name="image",
             token_name="pixel",
         )

@@ -26,6 +26,8 @@ class TaskSpec:
         output_kind: ``real`` (MSE over ``output_dim`` values), ``classes``
             (cross-entropy over ``output_dim`` classes) or ``bits`` (binary cross-entropy).
         name: the task's name, stored in checkpoints to refuse a mismatched one.
+        sequential: a sequence task (text, images): no query set, the inner loop takes
+            one SGD step per element and the objective is the online NLL.
         sequence_name, token_name: what one task and one element are called in metric
             names (``line``/``char`` for text: ``nll_bits_per_char``; ``image``/``pixel``).
     """
@@ -36,6 +38,7 @@ class TaskSpec:
     input_sizes: tuple[int, ...] = ()
     output_dim: int = 1
     name: str = "task"
+    sequential: bool = False
     sequence_name: str = "seq"
     token_name: str = "token"
 

@@ -128,6 +128,7 @@ class TextDataModule(TaskDataModule):
             input_sizes=(max_len,),
             output_dim=256,
             name="text",
+            sequential=True,
             sequence_name="line",
             token_name="char",
         )

@@ -30,9 +30,7 @@ class MLP(nn.Module):
     def __init__(self, in_features: int, hidden_sizes=(40, 40), activation: str = "relu") -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(
-                f"model.activation={activation!r}; allowed: {', '.join(ACTIVATIONS)}"
-            )
+            raise ValueError(f"model.activation={activation!r}; allowed: {', '.join(ACTIVATIONS)}")
         layers: list[nn.Module] = []
         width = in_features
         for h in _check_sizes(hidden_sizes):

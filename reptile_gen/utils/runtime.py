@@ -29,11 +29,6 @@ def check_config(cfg: DictConfig) -> None:
             "algorithm gives inner learning rates no gradient; allowed: none "
             "(learned inner rates need algorithm=maml or algorithm=fomaml)"
         )
-    if algo.get("objective") == "query" and algo.get("inner_steps") is None:
-        raise ConfigError(
-            "algorithm.objective=query with algorithm.inner_steps=null (online schedule): "
-            "the query objective needs a few-shot schedule (inner_steps >= 1)"
-        )
     if algo.get("inner_loop") == "higher" and algo.get("vmap_chunk_size") is not None:
         raise ConfigError(
             f"algorithm.vmap_chunk_size={algo.get('vmap_chunk_size')!r} with "
