@@ -23,12 +23,15 @@ def check_config(cfg: DictConfig) -> None:
     algo = cfg.algorithm
     target = str(algo.get("_target_", ""))
     learned = algo.get("inner_lr_learned", "none")
-    if target.endswith(("Reptile", "JointTraining")) and learned not in (None, "none"):
+    gives_no_lr_gradient = target.endswith(("Reptile", "JointTraining", "LSTMBaseline"))
+    if gives_no_lr_gradient and learned not in (None, "none"):
         raise ConfigError(
             f"algorithm.inner_lr_learned={learned!r} with {target.rsplit('.', 1)[-1]}: this "
             "algorithm gives inner learning rates no gradient; allowed: none "
             "(learned inner rates need algorithm=maml or algorithm=fomaml)"
         )
+    if target.endswith("LSTMBaseline"):
+        check_lstm_baseline_has_no_inner_loop(algo)
     if algo.get("inner_loop") == "higher" and algo.get("vmap_chunk_size") is not None:
         raise ConfigError(
             f"algorithm.vmap_chunk_size={algo.get('vmap_chunk_size')!r} with "
@@ -40,6 +43,36 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.precision={precision!r} with algorithm.inner_loop=higher: higher's "
             "unroll does not support mixed precision; allowed: 32-true, 64-true"
+        )
+
+
+#: MetaLearner's inner-loop options, which mean nothing to the LSTM baseline
+INNER_LOOP_KEYS = (
+    "inner_loop",
+    "inner_optimizer",
+    "inner_lr",
+    "inner_steps",
+    "inner_batch_size",
+    "objective",
+    "eval_inner_steps",
+    "vmap_chunk_size",
+    "checkpoint_segments",
+    "truncate_steps",
+    "first_order",
+)
+
+
+def check_lstm_baseline_has_no_inner_loop(algo: DictConfig) -> None:
+    """``algorithm=lstm`` takes no inner-loop option (e.g. one inherited from a
+    meta-learner's experiment): a clear error rather than an unexpected keyword."""
+    given = [key for key in INNER_LOOP_KEYS if key in algo]
+    if given:
+        raise ConfigError(
+            f"algorithm.{given[0]}={algo.get(given[0])!r} with LSTMBaseline (algorithm=lstm): "
+            "the LSTM baseline has no inner loop; remove "
+            f"{', '.join('algorithm.' + k for k in given)} (allowed keys: hidden_size, "
+            "num_layers, embedding_dim, dropout, inner_lr_learned=none, eval_random_init, "
+            "optimizer, scheduler)"
         )
 
 

@@ -1,0 +1,185 @@
+"""An ordinary autoregressive LSTM: the likelihood baseline of the original reptile-gen.
+
+Where the meta-learners model a sequence by adapting a network with one SGD step per
+element, this baseline conditions on the past with a recurrent state: the input at
+position ``i`` is ``concat(encoder(x_i), embedding(y_{i-1}))`` (``y_{-1}`` is a learned
+start token), and a linear head predicts ``y_i``. It is trained by maximum likelihood and
+scored exactly like the meta-learners on sequence tasks (the same per-sequence NLL in
+nats, number of real elements, and logged metrics), by reusing :class:`MetaLearner`'s
+evaluation and logging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from reptile_gen.algorithms.base import MetaLearner, _check_positive
+from reptile_gen.data.task_batch import TaskBatch
+from reptile_gen.data.task_spec import TaskSpec
+from reptile_gen.models.encoders import make_encoder
+
+__all__ = ["LSTMBaseline", "LSTMNetwork"]
+
+LSTMState = tuple[torch.Tensor, torch.Tensor]
+
+
+class LSTMNetwork(nn.Module):
+    """``head(LSTM(concat(encoder(x_i), embedding(y_{i-1}))))``.
+
+    Previous targets are embedded as tokens: ``{0, 1, start}`` for bits, ``num_classes
+    + 1`` values for classes; the start token is the last index (:attr:`start_token`).
+
+    Args:
+        task_spec: a sequence task with ``bits`` or ``classes`` outputs.
+        hidden_size: LSTM state width.
+        num_layers: stacked LSTM layers.
+        embedding_dim: width of each input-coordinate embedding (discrete inputs) and of
+            the previous-target embedding.
+        dropout: dropout between LSTM layers (training only).
+    """
+
+    def __init__(
+        self,
+        task_spec: TaskSpec,
+        hidden_size: int = 256,
+        num_layers: int = 2,
+        embedding_dim: int = 64,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if task_spec.output_kind not in ("bits", "classes"):
+            raise ValueError(
+                f"LSTMNetwork needs bits or classes targets to feed back; got output_kind="
+                f"{task_spec.output_kind!r}"
+            )
+        num_tokens = 3 if task_spec.output_kind == "bits" else task_spec.output_dim + 1
+        self.start_token = num_tokens - 1
+        self.encoder = make_encoder(task_spec, embedding_dim)
+        self.prev_embedding = nn.Embedding(num_tokens, embedding_dim)
+        self.body = nn.LSTM(
+            self.encoder.out_features + embedding_dim,
+            hidden_size,
+            num_layers=num_layers,
+            batch_first=True,
+            dropout=dropout if num_layers > 1 else 0.0,
+        )
+        self.head = nn.Linear(hidden_size, task_spec.head_features)
+
+    def previous_tokens(self, y: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` long: the start token, then ``y_0 .. y_{T-2}`` (teacher forcing)."""
+        y = y.long()
+        start = torch.full_like(y[:, :1], self.start_token)
+        return torch.cat([start, y[:, :-1]], dim=1)
+
+    def forward(
+        self, x: torch.Tensor, prev: torch.Tensor, state: LSTMState | None = None
+    ) -> tuple[torch.Tensor, LSTMState]:
+        """Predictions ``[B, T, head_features]`` for inputs ``x [B, T, ...]`` given the
+        previous targets ``prev [B, T]`` (long tokens) and the state before position 0
+        (``None``: zeros); returns the state after the last position too, so a sequence
+        can be run one position at a time."""
+        if x.dim() == prev.dim():  # one coordinate per element: [B, T] -> [B, T, 1]
+            x = x.unsqueeze(-1)
+        inputs = torch.cat([self.encoder(x), self.prev_embedding(prev.long())], dim=-1)
+        hidden, state = self.body(inputs, state)
+        return self.head(hidden), state
+
+
+class LSTMBaseline(MetaLearner):
+    """Maximum-likelihood training of an :class:`LSTMNetwork` on a sequence task.
+
+    A LightningModule on :class:`MetaLearner` so that validation, test, the random-init
+    baseline and every logged metric are those of the meta-learners: :meth:`evaluate_batch`
+    returns the same ``[B, 2]`` (per-sequence NLL in nats, number of real elements). The
+    training loss is the summed masked NLL divided by the number of real elements (the
+    normalization of the meta-learners' online objective). There is no inner loop: the
+    parent's engine is built but never run, and learned inner learning rates are an error.
+
+    Args:
+        model: the ``model=`` group's network that ``build_run`` passes to every
+            algorithm; unused (the LSTM is built here from ``task_spec``).
+        task_spec: a sequence task (``sequential``) with ``bits`` or ``classes`` outputs.
+        optimizer, scheduler: as for every algorithm (default Adam, lr 1e-3).
+        hidden_size, num_layers, embedding_dim, dropout: of the :class:`LSTMNetwork`.
+        inner_lr_learned: must be ``none`` (kept so that a sweep over it fails clearly).
+        eval_random_init: also score the untrained LSTM at test time.
+    """
+
+    grad_mode = "none"
+    learns_inner_lr = False
+
+    def __init__(
+        self,
+        model: nn.Module | None,
+        task_spec: TaskSpec,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable | None = None,
+        hidden_size: int = 256,
+        num_layers: int = 2,
+        embedding_dim: int = 64,
+        dropout: float = 0.0,
+        inner_lr_learned: str = "none",
+        eval_random_init: bool = True,
+    ) -> None:
+        if not task_spec.sequential or task_spec.output_kind not in ("bits", "classes"):
+            raise ValueError(
+                f"algorithm=lstm with task {task_spec.name!r}: the LSTM baseline models "
+                "the likelihood of sequences, and this task is not a sequence task with "
+                "discrete outputs (few-shot regression with a query set is what the "
+                "meta-learners are for); allowed tasks: text, mnist, digits "
+                "(or use algorithm=maml|fomaml|reptile|joint)"
+            )
+        _check_positive("algorithm.hidden_size", hidden_size, int)
+        _check_positive("algorithm.num_layers", num_layers, int)
+        _check_positive("algorithm.embedding_dim", embedding_dim, int)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+            raise ValueError(f"algorithm.dropout={dropout!r}; must be a number in [0, 1)")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"algorithm.dropout={dropout!r}; must be a number in [0, 1)")
+        network = LSTMNetwork(
+            task_spec,
+            hidden_size=int(hidden_size),
+            num_layers=int(num_layers),
+            embedding_dim=int(embedding_dim),
+            dropout=float(dropout),
+        )
+        # the LSTM takes the place of the meta-learned model: it is what is trained,
+        # checkpointed, and deep-copied (at its initial weights) for the random-init
+        # baseline; the unused ``model`` is dropped
+        super().__init__(
+            network,
+            task_spec,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            inner_lr_learned=inner_lr_learned,
+            inner_steps=None,  # the online schedule: is_sequence_model, [B, 2] evaluation
+            objective="online",
+            eval_random_init=eval_random_init,
+        )
+
+    # ------------------------------------------------------------------ likelihood
+    def element_losses(self, batch: TaskBatch, model: nn.Module | None = None) -> torch.Tensor:
+        """``[B, T]`` NLL of each element in nats (teacher forcing), zero on padding."""
+        network = model if model is not None else self.model
+        prev = network.previous_tokens(batch.support_y)
+        pred, _ = network(batch.support_x, prev)
+        losses = self.loss_fn(pred, batch.support_y)
+        return torch.where(batch.support_mask, losses, torch.zeros_like(losses))
+
+    def meta_loss(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Maximum likelihood: summed NLL over real elements / their number."""
+        losses = self.element_losses(batch)
+        real = batch.support_mask.sum().clamp(min=1).to(losses.dtype)
+        return losses.sum() / real, {}
+
+    def evaluate_batch(self, batch: TaskBatch, model: nn.Module | None = None) -> torch.Tensor:
+        """``[B, 2]``: each sequence's NLL in nats and its number of real elements."""
+        with torch.no_grad():
+            nll = self.element_losses(batch, model).sum(1)
+        return torch.stack([nll, batch.support_mask.sum(1).to(nll.dtype)], dim=1)
+
+    def adapt(self, *args, **kwargs):
+        raise RuntimeError("LSTMBaseline has no inner loop to adapt with")
