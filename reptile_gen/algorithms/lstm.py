@@ -110,6 +110,9 @@ class LSTMBaseline(MetaLearner):
 
     grad_mode = "none"
     learns_inner_lr = False
+    #: no SGD-per-element dynamics to replay (e.g. for the online sampler): the sequence
+    #: distribution is the LSTM's own (``getattr(module, "has_inner_loop", True)``)
+    has_inner_loop = False
 
     def __init__(
         self,
