@@ -92,8 +92,10 @@ class MetaLearner(pl.LightningModule):
         # sequence tasks always run the online schedule (one SGD step per element)
         sequential = task_spec.sequential or inner_steps is None
         if objective == "auto":
-            objective = "online" if sequential else "query"
-        if objective == "query" and sequential:
+            objective = "online" if task_spec.sequential else "query"
+        # only a sequence task lacks a query set (a few-shot task may adapt online and
+        # still be scored on its query set)
+        if objective == "query" and task_spec.sequential:
             raise ValueError(
                 f"algorithm.objective=query with task {task_spec.name!r}: a sequence task "
                 "has no query set; allowed: online (or auto)"
@@ -114,8 +116,13 @@ class MetaLearner(pl.LightningModule):
                 ("truncate_steps", truncate_steps),
             ):
                 if value is not None:
+                    algorithm = (
+                        "first-order MAML"
+                        if self.grad_mode == "first_order"
+                        else type(self).__name__
+                    )
                     raise ValueError(
-                        f"algorithm.{key}={value!r} with {type(self).__name__}: only "
+                        f"algorithm.{key}={value!r} with {algorithm}: only "
                         "second-order MAML keeps an unroll to checkpoint or truncate; "
                         "allowed: null"
                     )

@@ -31,13 +31,13 @@ from reptile_gen.inner_loop.base import (
 )
 from reptile_gen.inner_loop.schedule import InnerLR, InnerSchedule
 
-__all__ = ["FunctionalEngine", "num_segments"]
+__all__ = ["FunctionalEngine", "num_segments", "check_truncate_steps"]
 
 
 def num_segments(setting, num_steps: int) -> int:
     """Segments for ``checkpoint_segments`` = ``None`` (1: no checkpointing), ``auto``
     (``ceil(sqrt(T))``) or an integer (capped at the number of steps)."""
-    if setting in (None, 0, 1, False):
+    if setting is None:
         return 1
     if setting == "auto":
         return max(1, math.ceil(math.sqrt(num_steps)))
@@ -46,6 +46,12 @@ def num_segments(setting, num_steps: int) -> int:
             f"algorithm.checkpoint_segments={setting!r}; allowed: null, auto, or an integer >= 1"
         )
     return max(1, min(setting, num_steps))
+
+
+def check_truncate_steps(value) -> None:
+    """``truncate_steps`` must be ``None`` or an integer >= 0 (a clear error otherwise)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"algorithm.truncate_steps={value!r}; allowed: null or an integer >= 0")
 
 
 class FunctionalEngine(InnerLoopEngine):
@@ -73,14 +79,7 @@ class FunctionalEngine(InnerLoopEngine):
         truncate_steps: int | None = None,
     ) -> None:
         num_segments(checkpoint_segments, 1)  # validates
-        if truncate_steps is not None and (
-            isinstance(truncate_steps, bool)
-            or not isinstance(truncate_steps, int)
-            or truncate_steps < 0
-        ):
-            raise ValueError(
-                f"algorithm.truncate_steps={truncate_steps!r}; allowed: null or an integer >= 0"
-            )
+        check_truncate_steps(truncate_steps)
         self.chunk_size = chunk_size
         self.checkpoint_segments = checkpoint_segments
         self.truncate_steps = truncate_steps

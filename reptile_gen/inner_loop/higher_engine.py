@@ -18,6 +18,7 @@ from reptile_gen.inner_loop.base import (
     first_visit,
     masked_mean,
 )
+from reptile_gen.inner_loop.functional import check_truncate_steps
 from reptile_gen.inner_loop.schedule import InnerLR, InnerSchedule
 
 __all__ = ["HigherEngine", "INNER_OPTIMIZERS"]
@@ -55,6 +56,7 @@ class HigherEngine(InnerLoopEngine):
         inner_optimizer_kwargs: dict | None = None,
         truncate_steps: int | None = None,
     ):
+        check_truncate_steps(truncate_steps)
         self.inner_optimizer = inner_optimizer
         self.inner_optimizer_kwargs = dict(inner_optimizer_kwargs or {})
         self.truncate_steps = truncate_steps
