@@ -90,9 +90,32 @@ def test_representative_runs_train(make_cfg, tmp_path, overrides):
 
 
 # ---------------------------------------------------------------------- experiment files
+#: per task family, what makes an experiment's sequences tiny, and its network (the
+#: config still composes and trains exactly as written otherwise)
+SHRINK_TASK = {
+    "sine": [],
+    "text": ["task.max_len=12"],
+    "mnist": ["task.resolution=7"],
+    "digits": ["task.resolution=4"],
+}
+SHRINK_MODEL = {
+    "sine": [],
+    "text": ["model.embedding_dim=8", "model.body.hidden_sizes=[8,8]"],
+    "mnist": ["model.embedding_dim=4", "model.body.hidden_sizes=[8]", "model.body.input_layer=8"],
+    "digits": ["model.embedding_dim=4"],
+}
+#: the LSTM baseline builds its own network (the model group is unused)
+SHRINK_LSTM = ["algorithm.hidden_size=8", "algorithm.num_layers=1", "algorithm.embedding_dim=4"]
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_runs_with_a_tiny_budget(make_cfg, tmp_path, experiment):
-    cfg = make_cfg([f"experiment={experiment}", f"algorithm.eval_inner_steps={FEW_STEPS}"])
+    family, _, algorithm = experiment.partition("_")
+    lstm = algorithm == "lstm"
+    shrink = SHRINK_TASK[family] + (SHRINK_LSTM if lstm else SHRINK_MODEL[family])
+    if family == "sine":
+        shrink.append(f"algorithm.eval_inner_steps={FEW_STEPS}")
+    cfg = make_cfg([f"experiment={experiment}", *shrink])
     assert cfg.trainer.max_steps == 3  # the test budget wins over the experiment's
     train(cfg)
     assert (tmp_path / "run" / "metrics.json").is_file()
