@@ -10,6 +10,8 @@ TORCH_INDEX ?=
 EXTRAS ?= dev,data,slurm
 STAMP := $(VENV)/.installed
 ARGS ?=
+# the main job that `make train` runs
+TRAIN_JOB ?= experiment=sine_maml
 
 .DEFAULT_GOAL := help
 .PHONY: help install train test test-full bench lint format clean
@@ -26,8 +28,8 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP) ## create .venv and install the package (torch pinned, CPU wheel by default)
 
-train: $(STAMP) ## run the main job (offline default); extra Hydra overrides via ARGS="..."
-	$(PY) -m reptile_gen.train $(ARGS)
+train: $(STAMP) ## run the main job (the sine MAML study); extra Hydra overrides via ARGS="..."
+	$(PY) -m reptile_gen.train $(TRAIN_JOB) $(ARGS)
 
 test: $(STAMP) ## the CI suite (fast; slow tests excluded)
 	$(PY) -m pytest -q $(ARGS)
