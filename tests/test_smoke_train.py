@@ -16,3 +16,14 @@ def test_train_writes_metrics_and_plots(make_cfg, tmp_path):
     assert (out / "learning_curve.png").stat().st_size > 0
     assert (out / "fit.png").stat().st_size > 0
     assert (out / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_last_checkpoint_is_the_final_state(make_cfg, tmp_path):
+    """last.ckpt follows training, not the best validation score (Lightning's save_last
+    alone would leave it at the last improvement)."""
+    import torch
+
+    cfg = make_cfg(["trainer.max_steps=5", "trainer.val_check_interval=2", "test=false"])
+    train(cfg)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 5
