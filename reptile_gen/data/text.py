@@ -188,3 +188,10 @@ class TextDataModule(TaskDataModule):
         """Provenance recorded in ``metrics.json``."""
         self._load()
         return {"data/corpus_sha256": self.corpus_sha256, "data/source": self.source}
+
+    def write_report(self, module, out_dir) -> list[Path]:
+        """At test end: ``samples.txt``, 8 lines drawn from the trained model (seeded by
+        ``seed``; nothing, with a warning, for a model the sampler cannot replay)."""
+        from reptile_gen.sampling import report_text_samples
+
+        return report_text_samples(module, out_dir, num_samples=8, seed=self.seed)
