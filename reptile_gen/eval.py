@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 # light imports only at module level: torch and Lightning are imported once the inputs
 # are checked, so a wrong command line fails fast
+from reptile_gen import CONF_DIR
 from reptile_gen.utils.runtime import (
     ConfigError,
     check_config,
@@ -49,7 +50,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 USAGE = "python -m reptile_gen.eval ckpt_path=<run dir>/checkpoints/last.ckpt [overrides]"
 
 
@@ -400,7 +400,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         finish_loggers(loggers)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> float | None:
     metrics = evaluate(cfg)
     name = cfg.get("optimized_metric")

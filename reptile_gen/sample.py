@@ -25,6 +25,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from reptile_gen import CONF_DIR
 from reptile_gen.utils.runtime import ConfigError
 
 __all__ = ["check_options", "sample", "main"]
@@ -198,12 +199,7 @@ def _run(cfg: DictConfig) -> None:
     sample(cfg)
 
 
-# Hydra resolves config_path relative to the task function's file only when the function's
-# module is __main__ (as under `python -m`); for any other module (a console script imports
-# reptile_gen.sample) it looks for an importable package `conf`, which the repo's conf/
-# folder is not. Marking the function as __main__'s makes both entry points find ../conf.
-_run.__module__ = "__main__"
-main = hydra.main(version_base="1.3", config_path="../conf", config_name="sample")(_run)
+main = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")(_run)
 main.__doc__ = "Entry point of `python -m reptile_gen.sample` and `reptile-gen-sample`."
 
 

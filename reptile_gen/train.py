@@ -16,6 +16,7 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
+from reptile_gen import CONF_DIR
 from reptile_gen.utils.instantiate import build_run, build_trainer, write_metrics
 from reptile_gen.utils.runtime import check_config, finish_loggers, resolve_ckpt_path
 
@@ -81,7 +82,7 @@ def train(cfg: DictConfig) -> dict:
         finish_loggers(loggers)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     name = cfg.get("optimized_metric")

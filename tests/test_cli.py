@@ -139,3 +139,18 @@ def test_compare_without_runs_fails_clearly(project, tmp_path):
 def test_console_scripts_exist(name):
     script = BIN / name
     assert script.is_file() and os.access(script, os.X_OK), f"{script} missing: pip install -e ."
+
+
+@pytest.mark.parametrize("name", ["reptile-gen-train", "reptile-gen-eval", "reptile-gen-sample"])
+def test_console_scripts_find_the_configs_from_any_directory(name, tmp_path):
+    """A console script imports the module (no ``python -m``): its Hydra app must still
+    find conf/ when started outside the repository."""
+    done = subprocess.run(
+        [str(BIN / name), "--cfg", "job", "ckpt_path=x"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "task:" in done.stdout
