@@ -233,13 +233,14 @@ def label_runs(runs: list[Run]) -> list[str]:
     return [r.label for r in runs]
 
 
-def _mean_std(curves: list[list[float]]) -> tuple[list[float], list[float]]:
+def _mean_std(curves: list[list[float]], truncate: bool = True) -> tuple[list[float], list[float]]:
     """Per-step mean and sample standard deviation (0 for one curve) over ``curves``,
-    truncated to the shortest; NaNs are left out of a step's statistics."""
-    length = min(len(c) for c in curves)
+    truncated to the shortest (or, with ``truncate=False``, up to the longest, each step
+    over the curves that reach it); NaNs are left out of a step's statistics."""
+    length = (min if truncate else max)(len(c) for c in curves)
     means, stds = [], []
     for k in range(length):
-        values = [c[k] for c in curves if not math.isnan(c[k])]
+        values = [c[k] for c in curves if k < len(c) and not math.isnan(c[k])]
         if not values:
             means.append(math.nan)
             stds.append(math.nan)
@@ -255,7 +256,8 @@ def group_runs(runs: list[Run], metric: str = "mse") -> tuple[list[Group], Group
     """``(groups, random-init baseline)``: runs labelled (:func:`label_runs`) and grouped by
     label, in order of first appearance; runs without the metric's curve are left out
     (a :class:`CompareError` when none has it). The baseline averages
-    ``test/random_init/<metric>_step_k`` over every run that has it (None if none does)."""
+    ``test/random_init/<metric>_step_k``, step by step, over every run that has that step
+    (None if none does)."""
     with_curve = [r for r in runs if r.curve(metric)]
     if not with_curve:
         seen = sorted(
@@ -284,7 +286,9 @@ def group_runs(runs: list[Run], metric: str = "mse") -> tuple[list[Group], Group
         baseline = Group(
             RANDOM_INIT,
             baseline_runs,
-            *_mean_std([r.curve(metric, "test/random_init") for r in baseline_runs]),
+            *_mean_std(
+                [r.curve(metric, "test/random_init") for r in baseline_runs], truncate=False
+            ),
         )
     return groups, baseline
 
