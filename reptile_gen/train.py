@@ -9,6 +9,7 @@ run's Hydra directory. The test-and-report part (:func:`test_and_report`) is sha
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -47,7 +48,27 @@ def test_and_report(
     if trainer.is_global_zero and hasattr(datamodule, "write_report"):
         for path in datamodule.write_report(module, out_dir):
             log.info("wrote %s", path)
+    if trainer.is_global_zero:
+        print_summary(metrics, out_dir)
     return metrics
+
+
+def print_summary(metrics: dict, out_dir: Path) -> None:
+    """The run's headline test metrics (bits per char or pixel; MSE after 1 and N steps)
+    and, for text, its samples, on stdout."""
+    keys = [k for k in ("test/nll_bits_per_char", "test/nll_bits_per_pixel") if k in metrics]
+    steps = sorted(
+        int(m.group(1)) for k in metrics if (m := re.fullmatch(r"test/mse_step_(\d+)", k))
+    )
+    keys += [f"test/mse_step_{k}" for k in dict.fromkeys(steps[1:2] + steps[-1:])]
+    for key in keys:
+        if isinstance(metrics[key], float):
+            print(f"{key} = {metrics[key]:.4f}")
+    samples = out_dir / "samples.txt"
+    if samples.is_file():
+        print(f"samples ({samples}):")
+        print(samples.read_text().rstrip())
+    print(f"run dir: {out_dir}")
 
 
 def train(cfg: DictConfig) -> dict:
