@@ -78,13 +78,14 @@ def _optimizer_and_scheduler(module):
     return configured, None
 
 
-def _batches(workload, datamodule, module, count: int, seed: int, device: str):
+def _batches(workload, datamodule, module, count: int, seed: int, device: str, source=None):
     dtype = next(module.parameters()).dtype
 
     def cast(t):
         return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
 
-    return [b.map(cast) for b in workload.batches(datamodule, count, seed)]
+    source = source or workload.batches
+    return [b.map(cast) for b in source(datamodule, count, seed)]
 
 
 def _sync(device: str) -> None:
@@ -100,6 +101,7 @@ def time_meta_steps(
     min_steps: int,
     max_steps: int,
     min_time_s: float,
+    max_time_s: float | None = None,
     num_batches: int = 8,
     device: str = "cpu",
     seed: int = 0,
@@ -108,8 +110,9 @@ def time_meta_steps(
     scheduler step) as the LightningModule's training loop does them.
 
     After ``warmup`` untimed steps, steps are timed one by one until both ``min_steps``
-    and ``min_time_s`` are reached (or ``max_steps``). Batches are sampled beforehand and
-    cycled, so data generation is not timed.
+    and ``min_time_s`` are reached (or ``max_steps``, or ``max_time_s`` seconds of timed
+    steps after at least one: the guard of slow workloads). Batches are sampled
+    beforehand and cycled, so data generation is not timed.
     """
     module, datamodule, meta_loss = build(workload, engine, device=device)
     optimizer, scheduler = _optimizer_and_scheduler(module)
@@ -135,7 +138,10 @@ def time_meta_steps(
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < max_steps:
-        if len(times) >= min_steps and time.perf_counter() - start >= min_time_s:
+        elapsed = time.perf_counter() - start
+        if len(times) >= min_steps and elapsed >= min_time_s:
+            break
+        if times and max_time_s is not None and elapsed >= max_time_s:
             break
         batch = batches[(warmup + len(times)) % len(batches)]
         t0 = time.perf_counter()
@@ -176,16 +182,19 @@ def check_gradients(workload: Workload, engines: list[str], device: str = "cpu")
     """Meta-gradient of each of ``engines`` against the reference engine's, in float64 on
     one meta-batch, from identical initial parameters.
 
+    Heavy workloads are checked on a tiny variant: ``workload.check_overrides`` are added
+    to the composition and the batch comes from ``workload.check_batches``.
+
     Returns ``{engine: {max_abs_diff, max_rel_diff, ok}}`` where ``max_rel_diff`` is the
     largest difference divided by the largest reference gradient entry.
     """
-    precision = ["trainer.precision=64-true"]
+    precision = ["trainer.precision=64-true", *workload.check_overrides]
 
     def meta_gradient(engine, state=None):
         module, datamodule, meta_loss = build(workload, engine, precision, device)
         if state is not None:
             module.load_state_dict(state)
-        batch = _batches(workload, datamodule, module, 1, 1234, device)[0]
+        batch = _batches(workload, datamodule, module, 1, 1234, device, workload.check_batches)[0]
         module.zero_grad(set_to_none=True)
         loss, _ = meta_loss(batch)
         loss.backward()
@@ -213,4 +222,6 @@ def check_gradients(workload: Workload, engines: list[str], device: str = "cpu")
             "loss_diff": abs(loss - ref_loss),
             "ok": bool(torch.allclose(g, ref, rtol=1e-7, atol=1e-9 * scale)),
         }
+        if workload.check_note:
+            out[engine]["note"] = workload.check_note
     return out

@@ -4,6 +4,8 @@ Each workload x engine runs in its own subprocess (``python -m benchmarks.run --
 WORKLOAD ENGINE``), so peak RSS is per entry and an entry that crashes or runs out of
 memory fails alone. Before timing, each workload's meta-gradients (every engine and
 baseline) are checked against its reference engine in float64, also in a subprocess.
+Engines a workload cannot run here (out of memory, no checkpointing) and ``full_only``
+workloads outside ``--full`` are recorded as skipped, with the reason.
 
 Writes ``benchmarks/results/bench-<timestamp>.json`` and ``benchmarks/results/latest.json``
 (or only ``--out PATH``) and prints a table.
@@ -27,11 +29,18 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 SCHEMA_VERSION = 1
 
-#: timing budget per entry and repeat
+#: timing budget per entry and repeat (a workload's ``budget`` replaces these for it)
 MODES = {
-    "quick": {"warmup": 3, "min_steps": 10, "max_steps": 500, "min_time_s": 3.0, "repeats": 1},
-    "full": {"warmup": 10, "min_steps": 50, "max_steps": 5000, "min_time_s": 20.0, "repeats": 3},
-}
+    "quick": {
+        "warmup": 3, "min_steps": 10, "max_steps": 500, "min_time_s": 3.0,
+        "max_time_s": None, "repeats": 1,
+    },
+    "full": {
+        "warmup": 10, "min_steps": 50, "max_steps": 5000, "min_time_s": 20.0,
+        "max_time_s": None, "repeats": 3,
+    },
+}  # fmt: skip
+DEFAULT_TIMEOUT_S = 900.0
 
 
 def available_cpus() -> int:
@@ -91,13 +100,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=None, help="timed steps at most")
     p.add_argument("--min-time", type=float, default=None, help="timed seconds at least")
     p.add_argument(
+        "--max-time",
+        type=float,
+        default=None,
+        help="stop timing after this many seconds of timed steps (at least one step)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=None,
         help="torch threads (default: the available CPUs not kept busy by other processes)",
     )
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds per subprocess")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help=f"seconds per subprocess (default {DEFAULT_TIMEOUT_S:.0f}, or the workload's own)",
+    )
     p.add_argument("--no-check", action="store_true", help="skip the meta-gradient check")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here only")
     p.add_argument("--list", action="store_true", help="list the workloads and exit")
@@ -115,19 +135,46 @@ def parse_args(argv=None) -> argparse.Namespace:
 def settings(args: argparse.Namespace) -> dict:
     mode = "full" if args.full else "quick"
     s = dict(MODES[mode], mode=mode)
+    explicit = []
     for key, value in (
         ("repeats", args.repeats),
         ("warmup", args.warmup),
         ("min_steps", args.min_steps),
         ("max_steps", args.max_steps),
         ("min_time_s", args.min_time),
+        ("max_time_s", args.max_time),
     ):
         if value is not None:
             s[key] = value
+            explicit.append(key)
+    # given on the command line: these win over the workloads' own budgets
+    s["explicit"] = explicit
     s["threads"] = max(1, min(args.threads, os.cpu_count() or 1))
     s["threads_from"] = args.threads_reason
     s["device"] = args.device
     return s
+
+
+def budget_for(workload, s: dict) -> dict:
+    """The timing settings of ``workload``: the mode's, replaced by the workload's own
+    ``budget`` for this mode (and ``min_time_s``), except those given on the command line."""
+    from benchmarks.workloads import BUDGET_KEYS
+
+    budget = {key: s[key] for key in BUDGET_KEYS}
+    if workload.min_time_s is not None and "min_time_s" not in s["explicit"]:
+        budget["min_time_s"] = workload.min_time_s
+    for key, value in workload.budget.get(s["mode"], {}).items():
+        if key not in s["explicit"]:
+            budget[key] = value
+    return budget
+
+
+def timeout_for(workload, args: argparse.Namespace) -> float:
+    """Seconds per subprocess: ``--timeout`` if given, else the workload's own (if any)
+    or the default."""
+    if args.timeout is not None:
+        return args.timeout
+    return workload.timeout_s or DEFAULT_TIMEOUT_S
 
 
 # ---------------------------------------------------------------------- child side
@@ -154,7 +201,8 @@ def child_one(args: argparse.Namespace) -> None:
         warmup=s["warmup"],
         min_steps=s["min_steps"],
         max_steps=s["max_steps"],
-        min_time_s=workload.min_time_s if workload.min_time_s is not None else s["min_time_s"],
+        min_time_s=s["min_time_s"],
+        max_time_s=s["max_time_s"],
         device=s["device"],
     )
     import torch
@@ -175,7 +223,7 @@ def child_check(args: argparse.Namespace) -> None:
     out = {}
     for name in args.check.split(","):
         workload = get(name)
-        engines = selected_engines(workload, args.engines)
+        engines = runnable_engines(workload, args.engines, args.full)
         out[name] = check_gradients(workload, engines, s["device"])
     args.result.write_text(json.dumps(out))
 
@@ -188,17 +236,31 @@ def selected_engines(workload, engines_arg: str | None) -> list[str]:
     return [e for e in workload.all_engines if e in wanted]
 
 
-def _passthrough(args: argparse.Namespace) -> list[str]:
-    """The options a subprocess needs to reproduce this run's settings."""
-    s = settings(args)
+def runnable_engines(workload, engines_arg: str | None, full: bool) -> list[str]:
+    """The selected engines that are not skipped (see :meth:`Workload.skip_reason`)."""
     return [
-        "--warmup", str(s["warmup"]),
-        "--min-steps", str(s["min_steps"]),
-        "--max-steps", str(s["max_steps"]),
-        "--min-time", str(s["min_time_s"]),
+        e for e in selected_engines(workload, engines_arg) if workload.skip_reason(e, full) is None
+    ]
+
+
+def _passthrough(args: argparse.Namespace, budget: dict | None = None) -> list[str]:
+    """The options a subprocess needs to reproduce this run's settings (``budget``: the
+    timing settings of one workload, see :func:`budget_for`)."""
+    s = settings(args)
+    b = budget or s
+    cli = [
+        "--warmup", str(b["warmup"]),
+        "--min-steps", str(b["min_steps"]),
+        "--max-steps", str(b["max_steps"]),
+        "--min-time", str(b["min_time_s"]),
         "--threads", str(s["threads"]),
         "--device", s["device"],
     ]  # fmt: skip
+    if b["max_time_s"] is not None:
+        cli += ["--max-time", str(b["max_time_s"])]
+    if args.full:
+        cli.append("--full")
+    return cli
 
 
 def run_child(cli: list[str], timeout: float) -> tuple[dict | None, dict]:
@@ -230,22 +292,45 @@ def run_child(cli: list[str], timeout: float) -> tuple[dict | None, dict]:
         return json.loads(result_path.read_text()), info
 
 
-def run_repeat(workload, engine: str, args: argparse.Namespace) -> tuple[dict | None, dict]:
+def run_repeat(
+    workload, engine: str, args: argparse.Namespace, budget: dict
+) -> tuple[dict | None, dict]:
     """One subprocess timing ``engine`` on ``workload``."""
-    return run_child(["--one", workload.name, engine, *_passthrough(args)], args.timeout)
+    return run_child(
+        ["--one", workload.name, engine, *_passthrough(args, budget)], timeout_for(workload, args)
+    )
 
 
-def aggregate(workload, engine: str, runs: list[dict], errors: list[dict], wall: float) -> dict:
-    """One result entry from the repeats of ``engine`` on ``workload`` (step times pooled)."""
-    entry = {
+def _entry_base(workload, engine: str) -> dict:
+    return {
         "workload": workload.name,
         "engine": engine,
         "kind": "baseline" if engine in workload.baselines else "engine",
         "built_with": workload.overrides_for(engine)[-1],
         "description": workload.description,
         "overrides": workload.overrides_for(engine),
+        "batches": getattr(workload.batches, "__name__", str(workload.batches)),
     }
+
+
+def skipped_entry(workload, engine: str, reason: str) -> dict:
+    """The result entry of an engine not run on ``workload``, with the reason."""
+    return {**_entry_base(workload, engine), "status": "skipped", "reason": reason}
+
+
+def aggregate(
+    workload,
+    engine: str,
+    runs: list[dict],
+    errors: list[dict],
+    wall: float,
+    budget: dict | None = None,
+) -> dict:
+    """One result entry from the repeats of ``engine`` on ``workload`` (step times pooled)."""
+    entry = _entry_base(workload, engine)
     entry["wall_s"] = round(wall, 2)
+    if budget is not None:
+        entry["budget"] = budget
     if not runs:
         entry.update(status="failed", **errors[0])
         return entry
@@ -287,7 +372,7 @@ def aggregate(workload, engine: str, runs: list[dict], errors: list[dict], wall:
 def ratios(entries: list[dict], workloads: dict) -> tuple[dict, dict]:
     """``{workload: {"<engine>/<reference>": time ratio}}`` and the same for RSS deltas."""
     time_ratios, memory_ratios = {}, {}
-    ok = {(e["workload"], e["engine"]): e for e in entries if e["status"] != "failed"}
+    ok = {(e["workload"], e["engine"]): e for e in entries if e["status"] in ("ok", "partial")}
     for name, workload in workloads.items():
         ref = ok.get((name, workload.reference))
         if ref is None:
@@ -303,6 +388,54 @@ def ratios(entries: list[dict], workloads: dict) -> tuple[dict, dict]:
             if ref["rss_delta_mb"] > 0:
                 memory_ratios.setdefault(name, {})[key] = e["rss_delta_mb"] / ref["rss_delta_mb"]
     return time_ratios, memory_ratios
+
+
+def comparisons(entries: list[dict], workloads: dict) -> dict:
+    """Workload against workload (``compare_with``, e.g. checkpointed vs full unroll), on
+    the reference engine: median time, peak RSS and RSS delta of each and their ratios."""
+    ok = {(e["workload"], e["engine"]): e for e in entries if e["status"] in ("ok", "partial")}
+    out = {}
+    for name, workload in workloads.items():
+        other = workload.compare_with
+        if other is None:
+            continue
+        engine = workload.reference
+        a, b = ok.get((name, engine)), ok.get((other, engine))
+        key = f"{name}/{other}"
+        if a is None or b is None:
+            missing = [n for n, e in ((name, a), (other, b)) if e is None]
+            out[key] = {"engine": engine, "missing": [f"{n} / {engine}" for n in missing]}
+            continue
+        out[key] = {
+            "engine": engine,
+            "median_s_per_step": {name: a["median_s_per_step"], other: b["median_s_per_step"]},
+            "time_ratio": a["median_s_per_step"] / b["median_s_per_step"],
+            "peak_rss_mb": {name: a["peak_rss_mb"], other: b["peak_rss_mb"]},
+            "peak_rss_ratio": a["peak_rss_mb"] / b["peak_rss_mb"],
+            "rss_delta_mb": {name: a["rss_delta_mb"], other: b["rss_delta_mb"]},
+            "rss_delta_ratio": (
+                a["rss_delta_mb"] / b["rss_delta_mb"] if b["rss_delta_mb"] > 0 else None
+            ),
+        }
+    return out
+
+
+def format_comparisons(report: dict) -> list[str]:
+    lines = []
+    for key, c in report.get("comparisons", {}).items():
+        if "missing" in c:
+            lines.append(f"{key} ({c['engine']}): not compared, missing {', '.join(c['missing'])}")
+            continue
+        a, b = key.split("/")
+        delta = c["rss_delta_ratio"]
+        lines.append(
+            f"{key} ({c['engine']}): time {c['time_ratio']:.2f}x; "
+            f"peak RSS {c['peak_rss_mb'][a]:.0f} / {c['peak_rss_mb'][b]:.0f} MB = "
+            f"{c['peak_rss_ratio']:.3f}x; "
+            f"dRSS {c['rss_delta_mb'][a]:.0f} / {c['rss_delta_mb'][b]:.0f} MB = "
+            + ("n/a" if delta is None else f"{delta:.3f}x")
+        )
+    return lines
 
 
 def machine_info(threads: int, device: str) -> dict:
@@ -345,15 +478,25 @@ def machine_info(threads: int, device: str) -> dict:
     return info
 
 
+def _num(value: float) -> str:
+    """Three significant digits, no exponent (0.0112, 95.3, 2222)."""
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+
+
 def format_table(report: dict) -> str:
     header = (
-        "workload", "engine", "median ms", "p10-p90 ms", "tasks/s",
+        "workload", "engine", "median s", "p10-p90 s", "tasks/s",
         "steps", "peak RSS MB", "dRSS MB", "x ref",
     )  # fmt: skip
-    rows, failures = [header], []
+    rows, notes = [header], []
     for e in report["results"]:
         if e["status"] == "failed":
-            failures.append(f"{e['workload']}  {e['engine']}  FAILED: {e['error']}")
+            rows.append((e["workload"], e["engine"], "FAILED", *[""] * 6))
+            notes.append(f"{e['workload']} / {e['engine']}: FAILED: {e['error']}")
+            continue
+        if e["status"] == "skipped":
+            rows.append((e["workload"], e["engine"], "skipped", *[""] * 6))
+            notes.append(f"{e['workload']} / {e['engine']}: skipped: {e['reason']}")
             continue
         reference = report["references"].get(e["workload"])
         ratio = report["ratios"].get(e["workload"], {}).get(f"{e['engine']}/{reference}")
@@ -363,9 +506,9 @@ def format_table(report: dict) -> str:
             (
                 e["workload"],
                 e["engine"],
-                f"{1e3 * e['median_s_per_step']:.2f}",
-                f"{1e3 * e['p10_s']:.2f}-{1e3 * e['p90_s']:.2f}",
-                f"{e['tasks_per_s']:.0f}",
+                _num(e["median_s_per_step"]),
+                f"{_num(e['p10_s'])}-{_num(e['p90_s'])}",
+                _num(e["tasks_per_s"]),
                 str(e["steps_timed"]),
                 f"{e['peak_rss_mb']:.0f}",
                 f"{e['rss_delta_mb']:.1f}",
@@ -374,11 +517,13 @@ def format_table(report: dict) -> str:
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [
-        "  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths)))
+        "  ".join(
+            c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))
+        ).rstrip()
         for r in rows
     ]
     lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines + failures)
+    return "\n".join(lines + notes)
 
 
 def main(argv=None) -> int:
@@ -394,7 +539,9 @@ def main(argv=None) -> int:
 
     if args.list:
         for w in WORKLOADS.values():
-            print(f"{w.name:<20} {', '.join(w.all_engines):<30} {w.description}")
+            engines = ", ".join(e + (" (skipped)" if e in w.skip else "") for e in w.all_engines)
+            flags = " [full_only]" if w.full_only else ""
+            print(f"{w.name:<26} {engines:<32} {w.description}{flags}")
         return 0
 
     s = settings(args)
@@ -403,35 +550,45 @@ def main(argv=None) -> int:
     if not plan:
         print("nothing to run (check --workloads / --engines)", file=sys.stderr)
         return 2
+    skipped = {
+        (w.name, e): reason for w, e in plan if (reason := w.skip_reason(e, args.full)) is not None
+    }
+    to_run = [(w, e) for w, e in plan if (w.name, e) not in skipped]
+    budgets = {w.name: budget_for(w, s) for w in workloads.values()}
     started = dt.datetime.now()
     load_start = load_average()
     print(
-        f"benchmarks: {len(plan)} entries, mode {s['mode']}, {s['threads']} threads "
-        f"({s['threads_from']}), "
-        f"device {s['device']}",
+        f"benchmarks: {len(to_run)} entries ({len(skipped)} more skipped), mode {s['mode']}, "
+        f"{s['threads']} threads ({s['threads_from']}), device {s['device']}",
         flush=True,
     )
+    for (name, engine), reason in skipped.items():
+        print(f"  {name} / {engine}: skipped: {reason}", flush=True)
 
     checks, check_failed = {}, False
-    to_check = [
-        w.name
-        for w in workloads.values()
-        if w.check_grads
-        and w.reference in selected_engines(w, args.engines)
-        and len(selected_engines(w, args.engines)) > 1
-    ]
-    if to_check and not args.no_check:
+    to_check = []
+    for w in workloads.values():
+        engines = runnable_engines(w, args.engines, args.full)
+        if not w.check_grads:
+            checks[w.name] = {"skipped": w.check_note or "check_grads=False"}
+        elif w.reference not in engines or len(engines) < 2:
+            checks[w.name] = {"skipped": "fewer than two engines run (nothing to compare)"}
+        elif args.no_check:
+            checks[w.name] = {"skipped": "--no-check"}
+        else:
+            to_check.append(w.name)
+    if to_check:
         print(f"  checking meta-gradients (float64) of {', '.join(to_check)} ...", flush=True)
         cli = ["--check", ",".join(to_check), *_passthrough(args)]
         if args.engines:
             cli += ["--engines", args.engines]
-        result, info = run_child(cli, args.timeout)
+        result, info = run_child(cli, args.timeout or DEFAULT_TIMEOUT_S)
         if result is None:
-            checks = {"status": "failed", **info}
+            checks.update({name: {"status": "failed", **info} for name in to_check})
             check_failed = True
             print(f"    FAILED: {info['error']}\n{info.get('stderr_tail', '')}", flush=True)
         else:
-            checks = result
+            checks.update(result)
             for name, per_engine in result.items():
                 for engine, c in per_engine.items():
                     check_failed |= not c["ok"]
@@ -444,12 +601,16 @@ def main(argv=None) -> int:
 
     # repeats interleaved (every entry once, then again...), so a change in machine load
     # shifts all entries rather than one
-    collected = {(w.name, e): ([], [], [0.0]) for w, e in plan}
-    for r in range(s["repeats"]):
-        for w, engine in plan:
-            tag = f" (repeat {r + 1}/{s['repeats']})" if s["repeats"] > 1 else ""
+    collected = {(w.name, e): ([], [], [0.0]) for w, e in to_run}
+    most_repeats = max((budgets[w.name]["repeats"] for w, _ in to_run), default=0)
+    for r in range(most_repeats):
+        for w, engine in to_run:
+            repeats = budgets[w.name]["repeats"]
+            if r >= repeats:
+                continue
+            tag = f" (repeat {r + 1}/{repeats})" if repeats > 1 else ""
             print(f"  {w.name} / {engine}{tag} ...", end=" ", flush=True)
-            result, info = run_repeat(w, engine, args)
+            result, info = run_repeat(w, engine, args, budgets[w.name])
             runs, errors, wall = collected[(w.name, engine)]
             wall[0] += info.get("wall_s", 0.0)
             if result is None:
@@ -458,14 +619,18 @@ def main(argv=None) -> int:
             else:
                 runs.append(result)
                 print(
-                    f"{1e3 * result['median_s_per_step']:.2f} ms/step, "
-                    f"{result['steps_timed']} steps, {info['wall_s']:.0f}s",
+                    f"{_num(result['median_s_per_step'])} s/step, "
+                    f"{result['steps_timed']} steps, peak RSS {result['peak_rss_mb']:.0f} MB, "
+                    f"{info['wall_s']:.0f}s",
                     flush=True,
                 )
-    entries = [
-        aggregate(w, engine, *collected[(w.name, engine)][:2], collected[(w.name, engine)][2][0])
-        for w, engine in plan
-    ]
+    entries = []
+    for w, engine in plan:
+        if (w.name, engine) in skipped:
+            entries.append(skipped_entry(w, engine, skipped[(w.name, engine)]))
+            continue
+        runs, errors, wall = collected[(w.name, engine)]
+        entries.append(aggregate(w, engine, runs, errors, wall[0], budgets[w.name]))
 
     time_ratios, memory_ratios = ratios(entries, workloads)
     report = {
@@ -488,12 +653,17 @@ def main(argv=None) -> int:
             "rss_delta_mb": "peak_rss_mb - baseline_rss_mb: the memory the meta-steps added",
             "ratios": "median_s_per_step of <engine> / that of the workload's reference engine",
             "memory_ratios": "rss_delta_mb of <engine> / that of the reference engine",
+            "comparisons": "workload vs workload (compare_with) on the reference engine: "
+            "time, peak RSS and RSS delta of each and their ratios",
+            "status": "ok | partial (some repeats failed) | failed | skipped (not run: "
+            "reason says why)",
         },
         "references": {name: w.reference for name, w in workloads.items()},
         "grad_checks": checks,
         "results": entries,
         "ratios": time_ratios,
         "memory_ratios": memory_ratios,
+        "comparisons": comparisons(entries, workloads),
     }
     text = json.dumps(report, indent=2) + "\n"
     if args.out is not None:
@@ -512,6 +682,9 @@ def main(argv=None) -> int:
     for name, r in time_ratios.items():
         pretty = ", ".join(f"{k} = {v:.2f}x" for k, v in r.items())
         print(f"{name}: {pretty}")
+    for line in format_comparisons(report):
+        print(line)
+    print(f"total {report['duration_s']:.0f} s")
     print("wrote " + ", ".join(str(p) for p in written))
     busy = max((load_start or [0])[0], (report["load_average"]["end"] or [0])[0])
     if busy > available_cpus():
