@@ -94,6 +94,9 @@ class HigherEngine(InnerLoopEngine):
         elif grad_mode == "second_order" and self.truncate_steps is not None:
             first_order_before = max(len(slices) - self.truncate_steps, 0)
         has_query = batch.has_query
+        # with no meta-gradient (Reptile, evaluation) nothing needs a task's graph once
+        # its loop is done: detaching frees it instead of holding every task's unroll
+        keep = (lambda t: t.detach()) if grad_mode == "none" else (lambda t: t)
 
         per_task = []
         for b in range(batch.num_tasks):
@@ -111,24 +114,24 @@ class HigherEngine(InnerLoopEngine):
 
                 step_losses, element_losses, query_losses = [], [], []
                 if has_query and track_query:
-                    query_losses.append(query_loss())
+                    query_losses.append(keep(query_loss()))
                 for i, ((start, end), record) in enumerate(zip(slices, records)):
                     x, y, m = sx[start:end], sy[start:end], sm[start:end]
                     elements = loss_fn(fmodel(x), y)
                     loss = masked_mean(elements, m)
-                    step_losses.append(loss)
+                    step_losses.append(keep(loss))
                     if record:
-                        element_losses.append(elements * m.to(elements.dtype))
+                        element_losses.append(keep(elements * m.to(elements.dtype)))
                     if bool(m.any()):
                         diffopt.step(
                             loss,
                             grad_callback=_detach_all if i < first_order_before else None,
                         )
                     if has_query and track_query:
-                        query_losses.append(query_loss())
+                        query_losses.append(keep(query_loss()))
                 if has_query and not track_query:
-                    query_losses.append(query_loss())
-                adapted = list(fmodel.parameters()) if return_adapted else None
+                    query_losses.append(keep(query_loss()))
+                adapted = [keep(p) for p in fmodel.parameters()] if return_adapted else None
             per_task.append((step_losses, element_losses, query_losses, adapted))
 
         support_len = batch.support_x.shape[1]
