@@ -234,11 +234,6 @@ TINY_CHECK = {
     "check_note": "on a tiny variant: 2 tasks x the first 8 elements (float64)",
 }
 
-HIGHER_REPTILE_OOM = (
-    "out of memory: the higher engine keeps every inner step's loss graph of every task "
-    "until the meta-loss returns (~{per_task} GB per task measured, x{tasks} tasks = "
-    "~{total} GB > 24 GB RAM; the process was killed)"
-)
 SINGLE_ENGINE_CHECK = (
     "only one engine is timed; the engines' (and checkpointed = full unroll) gradient "
     "equality is tested in tests/"
@@ -253,9 +248,7 @@ register(
         engines=("functional", "higher"),
         budget=SEQUENCE_BUDGET,
         timeout_s=1800.0,
-        skip={"higher": HIGHER_REPTILE_OOM.format(per_task=0.46, tasks=50, total=23)},
-        check_grads=False,
-        check_note=SINGLE_ENGINE_CHECK,
+        **TINY_CHECK,
     )
 )
 register(
@@ -284,9 +277,7 @@ register(
         },
         timeout_s=3600.0,
         full_only="about 7 min per meta-step on one core (50 tasks x 784 inner steps)",
-        skip={"higher": HIGHER_REPTILE_OOM.format(per_task=4, tasks=50, total=200)},
-        check_grads=False,
-        check_note=SINGLE_ENGINE_CHECK,
+        **TINY_CHECK,
     )
 )
 register(
