@@ -35,6 +35,7 @@ from reptile_gen.utils.runtime import (
     ConfigError,
     check_config,
     finish_loggers,
+    optimized_value,
     resolve_ckpt_path,
 )
 
@@ -402,10 +403,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> float | None:
-    metrics = evaluate(cfg)
-    name = cfg.get("optimized_metric")
-    value = metrics.get(name) if name else None
-    return value if isinstance(value, float) else None
+    return optimized_value(cfg, evaluate(cfg))
 
 
 if __name__ == "__main__":

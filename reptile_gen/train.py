@@ -19,7 +19,12 @@ from omegaconf import DictConfig
 
 from reptile_gen import CONF_DIR
 from reptile_gen.utils.instantiate import build_run, build_trainer, write_metrics
-from reptile_gen.utils.runtime import check_config, finish_loggers, resolve_ckpt_path
+from reptile_gen.utils.runtime import (
+    check_config,
+    finish_loggers,
+    optimized_value,
+    resolve_ckpt_path,
+)
 
 __all__ = ["train", "test_and_report", "main"]
 
@@ -105,9 +110,7 @@ def train(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
-    name = cfg.get("optimized_metric")
-    return metrics.get(name) if name else None
+    return optimized_value(cfg, train(cfg))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-__all__ = ["check_config", "resolve_ckpt_path", "finish_loggers", "ConfigError"]
+__all__ = ["optimized_value", "check_config", "resolve_ckpt_path", "finish_loggers", "ConfigError"]
 
 log = logging.getLogger(__name__)
 
@@ -99,3 +99,11 @@ def finish_loggers(loggers) -> None:
                 wandb.finish()
             except Exception as err:  # never mask the run's own error
                 log.warning("could not finish the W&B run: %s", err)
+
+
+def optimized_value(cfg: DictConfig, metrics: dict) -> float | None:
+    """The value of ``cfg.optimized_metric`` in ``metrics`` that a Hydra sweeper
+    (Optuna) minimises, or None when it is unset or not a number."""
+    name = cfg.get("optimized_metric")
+    value = metrics.get(name) if name else None
+    return value if isinstance(value, float) else None
