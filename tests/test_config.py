@@ -97,12 +97,14 @@ SHRINK_TASK = {
     "text": ["task.max_len=12"],
     "mnist": ["task.resolution=7"],
     "digits": ["task.resolution=4"],
+    "mnist14": ["task.resolution=7"],
 }
 SHRINK_MODEL = {
     "sine": [],
     "text": ["model.embedding_dim=8", "model.body.hidden_sizes=[8,8]"],
     "mnist": ["model.embedding_dim=4", "model.body.hidden_sizes=[8]", "model.body.input_layer=8"],
     "digits": ["model.embedding_dim=4"],
+    "mnist14": ["model.embedding_dim=4", "model.body.hidden_sizes=[8]"],
 }
 #: the LSTM baseline builds its own network (the model group is unused)
 SHRINK_LSTM = ["algorithm.hidden_size=8", "algorithm.num_layers=1", "algorithm.embedding_dim=4"]
