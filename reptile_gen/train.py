@@ -61,7 +61,15 @@ def test_and_report(
 def print_summary(metrics: dict, out_dir: Path) -> None:
     """The run's headline test metrics (bits per char or pixel; MSE after 1 and N steps)
     and, for text, its samples, on stdout."""
-    keys = [k for k in ("test/nll_bits_per_char", "test/nll_bits_per_pixel") if k in metrics]
+    keys = [
+        k
+        for k in (
+            "test/nll_bits_per_char",
+            "test/unigram/nll_bits_per_char",
+            "test/nll_bits_per_pixel",
+        )
+        if k in metrics
+    ]
     steps = sorted(
         int(m.group(1)) for k in metrics if (m := re.fullmatch(r"test/mse_step_(\d+)", k))
     )

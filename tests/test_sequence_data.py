@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import re
 
 import numpy as np
@@ -132,9 +133,26 @@ def test_metrics_extra_has_the_corpus_sha256(tmp_path):
     dm = TextDataModule(path=path, max_len=16, val_percent=10, test_percent=10)
     extra = dm.metrics_extra()  # loads on demand
     expected = hashlib.sha256("\n".join(_corpus_lines()).encode("utf-8")).hexdigest()
+    unigram = extra.pop("test/unigram/nll_bits_per_char")
     assert extra == {"data/corpus_sha256": expected, "data/source": path}
+    assert 0 < unigram < 8  # below the 8 bits of a uniform byte
     other = _write_corpus(tmp_path, "other.txt", _corpus_lines() + ["one more line"])
     assert TextDataModule(path=other).metrics_extra()["data/corpus_sha256"] != expected
+
+
+def test_unigram_reference_matches_a_hand_count(tmp_path):
+    lines = [f"{word} {i}" for i in range(40) for word in ("abca", "bb", "cab")]
+    path = _write_corpus(tmp_path, "tiny.txt", lines)
+    dm = TextDataModule(path=path, max_len=8, val_percent=10, test_percent=10)
+    dm._load()
+    counts = {b: 1.0 for b in range(256)}
+    for line in dm.lines["train"]:
+        for b in list(line.encode()) + [0]:
+            counts[b] += 1
+    total = sum(counts.values())
+    test = [b for line in dm.lines["test"] for b in list(line.encode()) + [0]]
+    expected = -sum(math.log2(counts[b] / total) for b in test) / len(test)
+    assert dm.unigram_bits_per_char() == pytest.approx(expected, rel=1e-9)
 
 
 def test_default_offline_corpus_is_pydoc_topics():

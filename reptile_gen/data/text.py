@@ -187,7 +187,25 @@ class TextDataModule(TaskDataModule):
     def metrics_extra(self) -> dict:
         """Provenance recorded in ``metrics.json``."""
         self._load()
-        return {"data/corpus_sha256": self.corpus_sha256, "data/source": self.source}
+        return {
+            "data/corpus_sha256": self.corpus_sha256,
+            "data/source": self.source,
+            "test/unigram/nll_bits_per_char": round(self.unigram_bits_per_char(), 4),
+        }
+
+    def unigram_bits_per_char(self) -> float:
+        """A reference point for the test bits/char: a byte-frequency (unigram) model of
+        the training lines (add-one smoothed over 256 values, the end token counted),
+        scored on the same test lines as the model. A sequence model that does not beat
+        it has learned only how often each byte occurs."""
+        self._load()
+        train_y, train_mask = self.encoded["train"]
+        counts = torch.bincount(train_y[train_mask], minlength=256).double() + 1.0
+        log2p = torch.log2(counts / counts.sum())
+        test_y, test_mask = self.encoded["test"]
+        if self.num_test_tasks is not None:
+            test_y, test_mask = test_y[: self.num_test_tasks], test_mask[: self.num_test_tasks]
+        return float(-log2p[test_y[test_mask]].mean())
 
     def write_report(self, module, out_dir) -> list[Path]:
         """At test end: ``samples.txt``, 8 lines drawn from the trained model (seeded by
