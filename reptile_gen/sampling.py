@@ -96,7 +96,7 @@ def check_sampleable(module) -> None:
         )
     engine = module.engine
     name = type(engine).__name__
-    if name == "FunctionalEngine":
+    if name in ("FunctionalEngine", "LowRankEngine"):  # both run plain SGD, exactly
         return
     if name == "HigherEngine":
         optimizer = engine.inner_optimizer

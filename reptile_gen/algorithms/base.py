@@ -34,7 +34,7 @@ class MetaLearner(pl.LightningModule):
             (default: Adam, lr 1e-3).
         scheduler: optional LR scheduler factory taking the optimizer (stepped each
             meta-step).
-        inner_loop: engine name, ``functional`` (default) or ``higher``.
+        inner_loop: engine name, ``functional`` (default), ``higher`` or ``lowrank``.
         inner_optimizer: ``{name: sgd|adam|..., **kwargs}``; non-SGD needs ``higher``.
         inner_lr: each task's inner step size (never scaled by the meta-batch size).
         inner_lr_learned: ``none|scalar|per_tensor|per_parameter`` (Meta-SGD).
@@ -132,6 +132,7 @@ class MetaLearner(pl.LightningModule):
             chunk_size=vmap_chunk_size,
             checkpoint_segments=checkpoint_segments,
             truncate_steps=truncate_steps,
+            inner_lr_learned=inner_lr_learned,
         )
         self.inner_lr = InnerLR(
             [(n, p.shape) for n, p in model.named_parameters()], inner_lr, inner_lr_learned

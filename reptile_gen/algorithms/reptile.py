@@ -29,10 +29,13 @@ class Reptile(MetaLearner):
     learns_inner_lr = False
 
     def meta_loss(self, batch: TaskBatch):
-        result = self.adapt(batch, "none", return_adapted=True)
+        # only the task-mean of the adapted weights is needed: an engine may compute it
+        # without a per-task copy of each weight (the low-rank engine: one GEMM per layer)
+        result = self.adapt(batch, "none", return_adapted="mean")
+        targets = result.mean_adapted()
         loss = torch.zeros((), device=batch.support_x.device)
         for name, theta in self.model.named_parameters():
-            target = result.adapted[name].mean(0).detach()
+            target = targets[name].detach()
             loss = loss + 0.5 * (theta - target).pow(2).sum()
         logs = {"support_loss_pre": result.step_losses[:, 0].mean().detach()}
         if self.objective == "online":

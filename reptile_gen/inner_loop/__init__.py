@@ -1,10 +1,11 @@
-"""Inner-loop engines behind one interface (``algorithm.inner_loop=functional|higher``)."""
+"""Inner-loop engines behind one interface (``algorithm.inner_loop=functional|higher|lowrank``)."""
 
 from __future__ import annotations
 
 from reptile_gen.inner_loop.base import InnerLoopEngine, InnerLoopResult, masked_mean
 from reptile_gen.inner_loop.functional import FunctionalEngine
 from reptile_gen.inner_loop.higher_engine import INNER_OPTIMIZERS, HigherEngine
+from reptile_gen.inner_loop.lowrank import LOWRANK_LR_MODES, LowRankEngine
 from reptile_gen.inner_loop.schedule import GRAD_MODES, LEARNED_LR_MODES, InnerLR, InnerSchedule
 
 __all__ = [
@@ -18,20 +19,34 @@ __all__ = [
     "InnerLoopResult",
     "InnerSchedule",
     "LEARNED_LR_MODES",
+    "LOWRANK_LR_MODES",
+    "LowRankEngine",
     "make_engine",
     "masked_mean",
 ]
 
-ENGINES = ("functional", "higher")
+ENGINES = ("functional", "higher", "lowrank")
 
 
 def make_engine(name: str, inner_optimizer: dict | None = None, **options) -> InnerLoopEngine:
     """Build engine ``name`` with the inner optimizer ``{name: ..., **kwargs}``.
 
     An option the chosen engine cannot do is a clear error, never a silent fallback.
+    ``inner_lr_learned`` (the learned-rate mode the engine will run with) lets an engine
+    refuse a mode it cannot carry when it is built rather than at the first step.
     """
     inner_optimizer = dict(inner_optimizer or {"name": "sgd"})
     opt_name = inner_optimizer.pop("name", "sgd")
+    inner_lr_learned = options.pop("inner_lr_learned", "none")
+    if name == "lowrank":
+        if opt_name != "sgd" or inner_optimizer:
+            raise ValueError(
+                f"algorithm.inner_optimizer={{name: {opt_name}, {inner_optimizer}}} with "
+                "algorithm.inner_loop=lowrank: the low-rank engine runs plain SGD "
+                "(inner_optimizer.name=sgd, no extra options); stateful inner optimizers "
+                "need algorithm.inner_loop=higher"
+            )
+        return LowRankEngine(**options, inner_lr_learned=inner_lr_learned)
     if name == "functional":
         if opt_name != "sgd" or inner_optimizer:
             raise ValueError(

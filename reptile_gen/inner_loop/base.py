@@ -29,12 +29,16 @@ class InnerLoopResult:
         query_losses: ``[B, T+1]`` query loss after 0..T steps if requested, else
             ``[B, 1]`` after all steps; None without a query set.
         adapted: the adapted parameters ``{name: [B, ...]}`` if requested.
+        adapted_mean: their task-mean ``{name: [...]}``, filled instead of ``adapted`` by
+            an engine that computes it directly (``return_adapted="mean"``: the low-rank
+            engine, in one GEMM per layer, without a per-task copy of each weight).
     """
 
     step_losses: torch.Tensor
     element_losses: torch.Tensor
     query_losses: torch.Tensor | None = None
     adapted: dict[str, torch.Tensor] | None = None
+    adapted_mean: dict[str, torch.Tensor] | None = None
 
     @property
     def final_query_loss(self) -> torch.Tensor:
@@ -42,6 +46,15 @@ class InnerLoopResult:
         if self.query_losses is None:
             raise ValueError("this inner loop ran without a query set")
         return self.query_losses[:, -1]
+
+    def mean_adapted(self) -> dict[str, torch.Tensor]:
+        """Task-mean of the adapted parameters (what Reptile moves toward): the engine's
+        own ``adapted_mean`` if it made one, else the mean of ``adapted``."""
+        if self.adapted_mean is not None:
+            return self.adapted_mean
+        if self.adapted is None:
+            raise ValueError("this inner loop ran without return_adapted")
+        return {name: phi.mean(0) for name, phi in self.adapted.items()}
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -75,8 +88,11 @@ class InnerLoopEngine:
         grad_mode: str,
         *,
         track_query: bool = False,
-        return_adapted: bool = False,
+        return_adapted: bool | str = False,
     ) -> InnerLoopResult:
+        """Adapt every task of ``batch``. ``return_adapted``: ``True`` for the adapted
+        parameters per task; ``"mean"`` when only their task-mean is needed (an engine
+        may then fill ``adapted_mean`` only; engines that do not treat it as ``True``)."""
         raise NotImplementedError
 
 

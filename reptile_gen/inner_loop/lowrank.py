@@ -1,0 +1,827 @@
+"""The exact low-rank engine (``algorithm.inner_loop=lowrank``).
+
+One inner SGD step changes a linear layer's weight by ``-alpha * sum_i delta_i a_i^T``
+(``a_i``: the layer's input for element ``i`` of the step, ``delta_i``: the loss gradient
+at its output), a matrix of rank at most the step's element count. After ``t`` steps
+
+    W_t x = W_0 x - alpha * sum_{s < t} delta_s (a_s . x),
+
+so a task never needs its own copy of ``W``: the engine keeps the initial weights shared by
+every task of the meta-batch (one matmul for all of them) and, per task and per layer, the
+*history* of rows ``(a_s, delta_s)``. An ``nn.Embedding`` is the same with one-hot inputs:
+the history keeps the looked-up indices and their output gradients, and the correction of a
+lookup of row ``i`` sums the ``delta_s`` of earlier lookups of ``i``. Every other parameter
+(biases, LayerNorm gains, the LSTM block's ``h0``/``c0``, linear layers whose weight is tied
+or that are not plain ``nn.Linear``) stays a per-task tensor updated by ordinary SGD.
+
+How it runs: the model is called per task under ``vmap`` with ``functional_call`` and the
+initial weights; a forward hook on each low-rank layer subtracts its history's correction
+and adds a zero *probe* to its output. ``torch.func.grad`` with respect to the probes gives
+the ``delta`` rows (the hook records the layer inputs ``a`` as auxiliary outputs). The
+updates are hand-batched over tasks outside ``vmap``. Results equal the functional engine's
+(losses, adapted weights, meta-gradients): tested in float64 on every model body.
+
+Modes (``grad_mode``):
+
+* ``none`` (Reptile, evaluation): no graph; the history lives in preallocated buffers
+  written in place, and the task-mean of the adapted weights (what Reptile needs) is one
+  GEMM per layer over all tasks' history rows (``return_adapted="mean"``).
+* ``first_order``: the history is made of constants (the inner gradients are detached),
+  so it stays in the buffers; the losses keep their graph to the initial parameters and
+  learned rates.
+* ``second_order``: history rows carry the graph. Without checkpointing they are kept as a
+  concatenated prefix plus a short list of recent rows (re-concatenated every ~sqrt(T)
+  steps, so memory grows as T^1.5 rather than T^2). With ``checkpoint_segments`` the loop
+  runs without a graph into the buffers, and backward recomputes one segment at a time from
+  the saved small parameters and the history prefix (a slice of the final buffers), passing
+  gradients of history rows back to the segments that wrote them: memory is one history
+  plus its gradient plus one segment's graph. ``truncate_steps=k`` treats all but the last
+  ``k`` updates as first-order, as in the functional engine.
+
+Limits (clear errors): plain SGD only; learned inner rates ``scalar`` or ``per_tensor``
+(a ``per_parameter`` rate matrix does not factor out of the sum); each low-rank layer
+must run once per forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from reptile_gen.data.task_batch import TaskBatch
+from reptile_gen.inner_loop.base import (
+    InnerLoopEngine,
+    InnerLoopResult,
+    LossFn,
+    first_visit,
+    masked_mean,
+)
+from reptile_gen.inner_loop.functional import check_truncate_steps, num_segments
+from reptile_gen.inner_loop.schedule import InnerLR, InnerSchedule
+
+__all__ = ["LowRankEngine", "LOWRANK_LR_MODES"]
+
+#: learned inner learning rates the low-rank form can carry (one rate per weight tensor)
+LOWRANK_LR_MODES = ("none", "scalar", "per_tensor")
+
+
+def _check_learned(value: str) -> None:
+    if value not in LOWRANK_LR_MODES:
+        raise ValueError(
+            f"algorithm.inner_lr_learned={value!r} with algorithm.inner_loop=lowrank: a "
+            "per-parameter rate matrix does not factor out of the low-rank update; allowed: "
+            f"{', '.join(LOWRANK_LR_MODES)} (or algorithm.inner_loop=functional)"
+        )
+
+
+class LowRankEngine(InnerLoopEngine):
+    """Inner SGD with shared initial weights and per-task low-rank update histories.
+
+    Args:
+        chunk_size: tasks per pass of the inner loop (None: all at once); the passes run
+            one after the other, bounding the history's memory.
+        checkpoint_segments: second-order only: ``None`` (keep the graph), ``auto``
+            (sqrt(T) segments recomputed in backward) or a segment count.
+        truncate_steps: second-order only: differentiate through the last ``k`` inner
+            updates (None: all).
+        inner_lr_learned: the learned-rate mode the engine will be run with, checked when
+            the engine is built (``none``, ``scalar`` or ``per_tensor``).
+    """
+
+    name = "lowrank"
+
+    def __init__(
+        self,
+        chunk_size: int | None = None,
+        checkpoint_segments: int | str | None = None,
+        truncate_steps: int | None = None,
+        inner_lr_learned: str = "none",
+    ) -> None:
+        num_segments(checkpoint_segments, 1)  # validates
+        check_truncate_steps(truncate_steps)
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(
+                f"algorithm.vmap_chunk_size={chunk_size!r}; allowed: null or an integer >= 1"
+            )
+        _check_learned(inner_lr_learned)
+        self.chunk_size = chunk_size
+        self.checkpoint_segments = checkpoint_segments
+        self.truncate_steps = truncate_steps
+
+    def run(
+        self,
+        model: nn.Module,
+        batch: TaskBatch,
+        loss_fn: LossFn,
+        lr: InnerLR,
+        schedule: InnerSchedule,
+        grad_mode: str,
+        *,
+        track_query: bool = False,
+        return_adapted: bool | str = False,
+    ) -> InnerLoopResult:
+        _check_learned(lr.learned)
+        if return_adapted not in (False, True, "mean"):
+            raise ValueError(f"return_adapted={return_adapted!r}; allowed: False, True, 'mean'")
+        num_tasks = batch.num_tasks
+        if self.chunk_size is None or num_tasks <= self.chunk_size:
+            return _Run(self, model, batch, loss_fn, lr, schedule, grad_mode).result(
+                track_query, return_adapted
+            )
+        parts = []
+        for i in range(0, num_tasks, self.chunk_size):
+            chunk = batch[i : i + self.chunk_size]
+            run = _Run(self, model, chunk, loss_fn, lr, schedule, grad_mode)
+            parts.append(run.result(track_query, return_adapted))
+        return _concat_results(parts, num_tasks)
+
+
+def _concat_results(parts: list[InnerLoopResult], num_tasks: int) -> InnerLoopResult:
+    """One result from the results of consecutive task chunks."""
+
+    def cat(field):
+        values = [getattr(p, field) for p in parts]
+        if values[0] is None:
+            return None
+        if isinstance(values[0], dict):
+            return {k: torch.cat([v[k] for v in values]) for k in values[0]}
+        return torch.cat(values)
+
+    mean = None
+    if parts[0].adapted_mean is not None:
+        sizes = [p.step_losses.shape[0] for p in parts]
+        mean = {
+            k: sum(p.adapted_mean[k] * (n / num_tasks) for p, n in zip(parts, sizes))
+            for k in parts[0].adapted_mean
+        }
+    return InnerLoopResult(
+        step_losses=cat("step_losses"),
+        element_losses=cat("element_losses"),
+        query_losses=cat("query_losses"),
+        adapted=cat("adapted"),
+        adapted_mean=mean,
+    )
+
+
+# ------------------------------------------------------------------------ layers & hooks
+@dataclass
+class _Site:
+    """A layer kept in low-rank form: its weight is shared, its updates are history rows."""
+
+    name: str  # the weight's parameter name
+    module: nn.Module
+    embedding: bool
+    rows: int = 0  # history rows one inner step adds (elements x leading dims)
+    probe_shape: tuple[int, ...] = ()
+    in_width: int = 0  # width of an input row (0: an embedding's index rows)
+    out_width: int = 0
+
+
+def _candidate_sites(model: nn.Module) -> list[_Site]:
+    """Plain ``nn.Linear`` and ``nn.Embedding`` layers whose weight only they use.
+
+    Subclasses may use their weight outside ``forward`` (``nn.MultiheadAttention``'s
+    ``out_proj``), tied weights appear in two modules, and an embedding's padding row or
+    max-norm renormalisation breaks the plain SGD update: those stay materialised.
+    """
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    sites = []
+    for mod_name, module in model.named_modules():
+        kind = type(module)
+        if kind is nn.Embedding:
+            plain = (
+                module.padding_idx is None
+                and module.max_norm is None
+                and not module.scale_grad_by_freq
+                and not module.sparse
+            )
+            if not plain:
+                continue
+        elif kind is not nn.Linear:
+            continue
+        if owners[id(module.weight)] != 1 or not module.weight.requires_grad:
+            continue
+        name = f"{mod_name}.weight" if mod_name else "weight"
+        sites.append(_Site(name, module, kind is nn.Embedding))
+    return sites
+
+
+class _Tape:
+    """What the low-rank layers' hooks read and write during one (per-task) model call.
+
+    ``pieces[i]``: history of site ``i`` as ``(A, D)`` pairs (rows of inputs or indices,
+    and of output gradients); ``rates[i]``: its inner rate; ``probes[i]``: the zero added
+    to its output (None: a call whose output gradients are not needed, e.g. the query).
+    ``discover``: record shapes only (the first call of a run).
+    """
+
+    def __init__(self, pieces, rates, probes=None, discover: bool = False) -> None:
+        self.pieces = pieces
+        self.rates = rates
+        self.probes = probes
+        self.discover = discover
+        n = len(rates)
+        self.inputs: list[torch.Tensor | None] = [None] * n
+        self.shapes: list[tuple | None] = [None] * n
+        self.calls = [0] * n
+
+    def apply(self, i: int, site: _Site, x: torch.Tensor, out: torch.Tensor):
+        if self.calls[i]:
+            raise RuntimeError(
+                f"algorithm.inner_loop=lowrank: the layer of {site.name!r} ran twice in one "
+                "forward pass; the low-rank form needs each nn.Linear/nn.Embedding to run "
+                "once (use algorithm.inner_loop=functional for this model)"
+            )
+        self.calls[i] = 1
+        if self.discover:
+            self.shapes[i] = (tuple(x.shape), tuple(out.shape))
+            return None
+        correction = None
+        for a, d in self.pieces[i]:
+            if site.embedding:
+                c = (x.unsqueeze(-1) == a).to(d.dtype) @ d
+            else:
+                c = (x @ a.transpose(-1, -2)) @ d
+            correction = c if correction is None else correction + c
+        if correction is not None:
+            out = out - self.rates[i] * correction
+        if self.probes is not None:
+            out = out + self.probes[i]
+            self.inputs[i] = (
+                x.reshape(site.rows) if site.embedding else x.reshape(site.rows, site.in_width)
+            )
+        return out
+
+
+# --------------------------------------------------------------------------- one run
+@dataclass(frozen=True)
+class _Step:
+    start: int  # first element (in the padded support)
+    count: int  # real elements of the schedule's slice
+    record: bool  # its pre-update losses are the elements' online losses
+    first_order: bool  # its inner gradients are constants
+
+
+class _Env:
+    """The tensors a run differentiates with respect to: the shared initial weights of
+    the low-rank layers, and the learned inner rates (floats when fixed)."""
+
+    def __init__(self, weights: list[torch.Tensor], rate_tensors: list[torch.Tensor], run):
+        self.weights = weights
+        self.rate_tensors = rate_tensors
+        self.site_rates = [run.rate(n, rate_tensors) for n in run.site_names]
+        self.small_rates = [run.rate(n, rate_tensors) for n in run.small_names]
+
+
+class _Run:
+    """One inner loop over a meta-batch (all the state of :meth:`LowRankEngine.run`)."""
+
+    def __init__(self, engine, model, batch, loss_fn, lr, schedule, grad_mode) -> None:
+        self.engine = engine
+        self.model = model
+        self.loss_fn = loss_fn
+        self.buffers = dict(model.named_buffers())
+        self.num_tasks = num_tasks = batch.num_tasks
+        self.support_len = support_len = batch.support_x.shape[1]
+        named = list(model.named_parameters())
+        self.param_names = [n for n, _ in named]
+        params = dict(named)
+        first = next(iter(params.values()))
+        self.dtype, self.device = first.dtype, first.device
+
+        # the schedule, every step padded to the same element count (masked)
+        slices = schedule.slices(support_len)
+        records = first_visit(slices)
+        num_steps = len(slices)
+        truncate = engine.truncate_steps if grad_mode == "second_order" else None
+        first_order_before = (
+            num_steps
+            if grad_mode == "first_order"
+            else (max(num_steps - truncate, 0) if truncate is not None else 0)
+        )
+        self.width = width = max((e - s for s, e in slices), default=1) or 1
+        self.steps = [
+            _Step(s, e - s, rec, i < first_order_before)
+            for i, ((s, e), rec) in enumerate(zip(slices, records))
+        ]
+        self.num_steps = num_steps
+        padded = max([s + width for s, _ in slices] + [support_len])
+        self.sx, self.sy, self.mask = (
+            _pad(batch.support_x, padded),
+            _pad(batch.support_y, padded),
+            _pad(batch.support_mask, padded),
+        )
+        self.query = (batch.query_x, batch.query_y) if batch.has_query else None
+        self.graph = torch.is_grad_enabled() and grad_mode != "none"
+        self.grad_mode = grad_mode if self.graph else "none"
+        self.segments = 1
+        if self.grad_mode == "second_order":
+            self.segments = num_segments(engine.checkpoint_segments, max(num_steps, 1))
+
+        # low-rank layers: those the model calls (once) on a support step
+        sites = _candidate_sites(model)
+        self.sites = sites
+        self.site_names = [s.name for s in sites]
+        self.small_names = [n for n in self.param_names if n not in set(self.site_names)]
+        self.tape: _Tape | None = None
+        if sites and num_steps:
+            x0 = self.sx[0, self.steps[0].start : self.steps[0].start + width]
+            tape = _Tape([[] for _ in sites], [0.0] * len(sites), discover=True)
+            with torch.no_grad(), self.hooks():
+                self._call(tape, params, x0)
+            for site, shapes in zip(sites, tape.shapes):
+                if shapes is None:
+                    continue
+                in_shape, out_shape = shapes
+                site.probe_shape = out_shape
+                site.out_width = out_shape[-1]
+                site.in_width = 0 if site.embedding else in_shape[-1]
+                site.rows = math.prod(in_shape) if site.embedding else math.prod(in_shape[:-1])
+            used = [s for s, shapes in zip(sites, tape.shapes) if shapes is not None]
+            if len(used) != len(sites):
+                self.sites = sites = used
+                self.site_names = [s.name for s in sites]
+                self.small_names = [n for n in self.param_names if n not in set(self.site_names)]
+        elif not num_steps:
+            self.sites = sites = []
+            self.site_names, self.small_names = [], list(self.param_names)
+
+        # learned rates become explicit inputs (the checkpointed loop returns their
+        # gradients); fixed ones stay floats
+        rates = lr.rates_by_name()
+        if not self.graph:
+            rates = {k: (r.detach() if torch.is_tensor(r) else r) for k, r in rates.items()}
+        self.rate_tensors = list(
+            dict.fromkeys(r for r in rates.values() if torch.is_tensor(r)).keys()
+        )
+        index = {id(t): i for i, t in enumerate(self.rate_tensors)}
+        self.rate_slots = {
+            k: (index[id(r)] if torch.is_tensor(r) else float(r)) for k, r in rates.items()
+        }
+        weights = [params[n] for n in self.site_names]
+        small = [params[n] for n in self.small_names]
+        if not self.graph:
+            weights = [w.detach() for w in weights]
+            small = [p.detach() for p in small]
+        self.env = _Env(weights, self.rate_tensors, self)
+        self.small0 = [p.expand(num_tasks, *p.shape) for p in small]
+
+    # ------------------------------------------------------------------ helpers
+    def rate(self, name: str, rate_tensors):
+        slot = self.rate_slots[name]
+        return slot if isinstance(slot, float) else rate_tensors[slot]
+
+    @contextmanager
+    def hooks(self) -> Iterator[None]:
+        """The low-rank layers' forward hooks, installed for the duration (also around a
+        checkpointed segment's recomputation in backward)."""
+
+        def make(i):
+            def hook(module, args, out):
+                tape = self.tape
+                return None if tape is None else tape.apply(i, self.sites[i], args[0], out)
+
+            return hook
+
+        handles = [s.module.register_forward_hook(make(i)) for i, s in enumerate(self.sites)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _call(self, tape: _Tape, params: dict, x: torch.Tensor) -> torch.Tensor:
+        self.tape = tape
+        try:
+            return functional_call(self.model, (params, self.buffers), (x,))
+        finally:
+            self.tape = None
+
+    def _params(self, env: _Env, small) -> dict:
+        params = dict(zip(self.small_names, small))
+        params.update(zip(self.site_names, env.weights))
+        return params
+
+    def step_data(self, step: _Step):
+        sl = slice(step.start, step.start + self.width)
+        x, y, m = self.sx[:, sl], self.sy[:, sl], self.mask[:, sl]
+        if step.count < self.width:  # a short slice, filled up with masked elements
+            m = m & (torch.arange(self.width, device=m.device) < step.count)
+        return x, y, m
+
+    def _rows(self, step_index: int) -> list[int]:
+        return [step_index * s.rows for s in self.sites]
+
+    # -------------------------------------------------------------- vmapped pieces
+    def step(self, env: _Env, small, pieces, x, y, m):
+        """One inner step of every task: ``(small grads, deltas, elements, inputs)``,
+        batched over tasks (deltas ``[B, rows, out]``, inputs ``[B, rows, in]``)."""
+        dtype, device = self.dtype, self.device
+
+        def one_task(small, pieces, x, y, m):
+            probes = [torch.zeros(s.probe_shape, dtype=dtype, device=device) for s in self.sites]
+
+            def loss(small, probes):
+                tape = _Tape(pieces, env.site_rates, probes)
+                out = self._call(tape, self._params(env, small), x)
+                elements = self.loss_fn(out, y)
+                return masked_mean(elements, m), (elements * m.to(elements.dtype), tape.inputs)
+
+            (g_small, deltas), (elements, inputs) = grad(loss, argnums=(0, 1), has_aux=True)(
+                small, probes
+            )
+            return g_small, deltas, elements, inputs
+
+        g_small, deltas, elements, inputs = vmap(one_task, randomness="different")(
+            small, pieces, x, y, m
+        )
+        b = self.num_tasks
+        deltas = [d.reshape(b, s.rows, s.out_width) for d, s in zip(deltas, self.sites)]
+        return g_small, deltas, elements, inputs
+
+    def query_loss(self, env: _Env, small, pieces) -> torch.Tensor:
+        """``[B]`` mean query loss of each task at ``small`` and history ``pieces``."""
+
+        def one_task(small, pieces, qx, qy):
+            tape = _Tape(pieces, env.site_rates)
+            return self.loss_fn(self._call(tape, self._params(env, small), qx), qy).mean()
+
+        return vmap(one_task, randomness="different")(small, pieces, *self.query)
+
+    # ------------------------------------------------------------------ loops
+    def new_history(self):
+        """Zeroed buffers for every step's rows: ``(A, D)`` per site."""
+        b, t = self.num_tasks, self.num_steps
+        out = []
+        for s in self.sites:
+            if s.embedding:
+                a = torch.zeros(b, t * s.rows, dtype=torch.long, device=self.device)
+            else:
+                a = torch.zeros(b, t * s.rows, s.in_width, dtype=self.dtype, device=self.device)
+            d = torch.zeros(b, t * s.rows, s.out_width, dtype=self.dtype, device=self.device)
+            out.append((a, d))
+        return out
+
+    def buffered(self, env, small, steps, history, outs, in_place=False, snapshots=None):
+        """Run ``steps`` (indices) whose history rows are constants (no graph through
+        them: ``none``, first-order and truncated steps, the checkpointed forward),
+        writing the rows into ``history`` in place. ``outs`` collects the per-step
+        losses; ``snapshots`` (``{step: list}``) receives copies of the small parameters
+        before the listed steps. Returns the small parameters after the steps.
+
+        The writes go through ``.data``: autograd may hold views of the rows already
+        written (first-order losses depend on them), and the buffer is append-only, so
+        those rows never change; ``.data`` keeps the version check from flagging it.
+        """
+        writers = [(a.data, d.data) for a, d in history]
+        for i in steps:
+            if snapshots is not None and i in snapshots:
+                snapshots[i] = [p.clone() for p in small]
+            step = self.steps[i]
+            rows = self._rows(i)
+            pieces = [[(a[:, :r], d[:, :r])] if r else [] for (a, d), r in zip(history, rows)]
+            g_small, deltas, elements, inputs = self.step(env, small, pieces, *self.step_data(step))
+            for (wa, wd), r, s, a, d in zip(writers, rows, self.sites, inputs, deltas):
+                wa[:, r : r + s.rows] = a.detach()
+                wd[:, r : r + s.rows] = d.detach()
+            if in_place:
+                for p, g, rate in zip(small, g_small, env.small_rates):
+                    if isinstance(rate, float):
+                        p.sub_(g, alpha=rate)
+                    else:
+                        p.sub_(rate * g)
+            else:
+                small = [
+                    p - rate * g.detach() for p, g, rate in zip(small, g_small, env.small_rates)
+                ]
+            outs.add(self, step, elements)
+            if outs.track_query:
+                upto = [r + s.rows for r, s in zip(rows, self.sites)]
+                pieces = [[(a[:, :r], d[:, :r])] for (a, d), r in zip(history, upto)]
+                outs.queries.append(self.query_loss(env, small, pieces))
+        return small
+
+    def with_graph(self, env, small, base, steps, block, outs):
+        """Run ``steps`` with history rows that carry the graph (second-order). ``base``:
+        per site, history pieces before these steps. New rows are kept as one
+        concatenated prefix plus the last few steps' rows, re-concatenated every ``block``
+        steps. Returns the small parameters after the steps and, per site, the new rows
+        ``(A, D)`` (or None)."""
+        n = len(self.sites)
+        prefix: list[tuple | None] = [None] * n
+        local: list[list] = [[] for _ in range(n)]
+
+        def joined(j):
+            parts = ([prefix[j]] if prefix[j] is not None else []) + local[j]
+            if not parts:
+                return None
+            if len(parts) == 1:
+                return parts[0]
+            return (torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1))
+
+        def pieces_now():
+            out = []
+            for j in range(n):
+                recent = local[j]
+                if len(recent) > 1:
+                    recent = [
+                        (
+                            torch.cat([p[0] for p in recent], 1),
+                            torch.cat([p[1] for p in recent], 1),
+                        )
+                    ]
+                out.append(list(base[j]) + ([prefix[j]] if prefix[j] is not None else []) + recent)
+            return out
+
+        for i in steps:
+            step = self.steps[i]
+            g_small, deltas, elements, inputs = self.step(
+                env, small, pieces_now(), *self.step_data(step)
+            )
+            if step.first_order:
+                g_small = [g.detach() for g in g_small]
+                deltas = [d.detach() for d in deltas]
+                inputs = [a.detach() for a in inputs]
+            for j in range(n):
+                local[j].append((inputs[j], deltas[j]))
+            small = [p - rate * g for p, g, rate in zip(small, g_small, env.small_rates)]
+            outs.add(self, step, elements)
+            if outs.track_query:
+                outs.queries.append(self.query_loss(env, small, pieces_now()))
+            if len(local[0] if n else ()) >= block:
+                prefix = [joined(j) for j in range(n)]
+                local = [[] for _ in range(n)]
+        return small, [joined(j) for j in range(n)]
+
+    # ------------------------------------------------------------------ result
+    def result(self, track_query: bool, return_adapted) -> InnerLoopResult:
+        track = track_query and self.query is not None
+        env = self.env
+        with self.hooks():
+            initial_query = None
+            if self.query is not None and track:
+                initial_query = self.query_loss(env, self.small0, [[] for _ in self.sites])
+            outs = _Outputs(track)
+            if self.grad_mode == "none":
+                history = self.new_history()
+                small = [p.clone() for p in self.small0]
+                small = self.buffered(env, small, range(self.num_steps), history, outs, True)
+                pieces = [[h] for h in history]
+                steps_t, elements_t, queries_t = outs.stacked(self)
+            elif self.grad_mode == "first_order" or self.segments == 1:
+                history = self.new_history()
+                fo = sum(s.first_order for s in self.steps)
+                small = self.buffered(env, self.small0, range(fo), history, outs)
+                rows = self._rows(fo)
+                base = [[(a[:, :r], d[:, :r])] if r else [] for (a, d), r in zip(history, rows)]
+                pieces = base
+                if fo < self.num_steps:
+                    block = max(1, math.ceil(math.sqrt(self.num_steps - fo)))
+                    small, new = self.with_graph(
+                        env, small, base, range(fo, self.num_steps), block, outs
+                    )
+                    pieces = [list(p) + ([r] if r is not None else []) for p, r in zip(base, new)]
+                steps_t, elements_t, queries_t = outs.stacked(self)
+            else:
+                bounds = [
+                    round(k * self.num_steps / self.segments) for k in range(self.segments + 1)
+                ]
+                ns, nsite = len(self.small_names), len(self.sites)
+                res = _CheckpointedLoop.apply(
+                    self, bounds, track, *env.weights, *self.small0, *self.rate_tensors
+                )
+                steps_t, elements_t, queries_t = res[:3]
+                small = list(res[3 : 3 + ns])
+                hist = res[3 + ns :]
+                pieces = [[(hist[j], hist[nsite + j])] for j in range(nsite)]
+            query_losses = None
+            if self.query is not None:
+                if track:
+                    query_losses = torch.cat([initial_query[:, None], queries_t], 1)
+                else:
+                    query_losses = self.query_loss(env, small, pieces)[:, None]
+            adapted = adapted_mean = None
+            if return_adapted == "mean":
+                adapted_mean = self.adapted(env, small, pieces, mean=True)
+            elif return_adapted:
+                adapted = self.adapted(env, small, pieces, mean=False)
+        element_losses = self.gather_elements(elements_t)
+        return InnerLoopResult(
+            step_losses=steps_t,
+            element_losses=element_losses,
+            query_losses=query_losses,
+            adapted=adapted,
+            adapted_mean=adapted_mean,
+        )
+
+    def gather_elements(self, elements: torch.Tensor) -> torch.Tensor:
+        """``[B, S]`` online losses from the per-step ``[B, T, width]`` element losses."""
+        b = self.num_tasks
+        index = [
+            i * self.width + k for i, s in enumerate(self.steps) if s.record for k in range(s.count)
+        ]
+        flat = elements.reshape(b, -1)[:, torch.tensor(index, dtype=torch.long)]
+        missing = self.support_len - flat.shape[1]
+        if missing > 0:
+            flat = torch.nn.functional.pad(flat, (0, missing))
+        return flat[:, : self.support_len]
+
+    def adapted(self, env: _Env, small, pieces, mean: bool) -> dict[str, torch.Tensor]:
+        """Adapted parameters ``{name: [B, ...]}``, or their task-mean ``{name: [...]}``
+        (one GEMM per layer over all tasks' history rows)."""
+        b = self.num_tasks
+        out = {n: (p.mean(0) if mean else p) for n, p in zip(self.small_names, small)}
+        for site, w0, rate, site_pieces in zip(self.sites, env.weights, env.site_rates, pieces):
+            total = None
+            for a, d in site_pieces:
+                if site.embedding:
+                    if mean:
+                        u = torch.zeros_like(w0).index_add(
+                            0, a.reshape(-1), d.reshape(-1, d.shape[-1])
+                        )
+                    else:
+                        u = torch.zeros(b, *w0.shape, dtype=d.dtype, device=d.device).scatter_add(
+                            1, a.unsqueeze(-1).expand(-1, -1, d.shape[-1]), d
+                        )
+                elif mean:
+                    u = d.reshape(-1, d.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+                else:
+                    u = torch.bmm(d.transpose(1, 2), a)
+                total = u if total is None else total + u
+            if total is None:
+                out[site.name] = w0 if mean else w0.expand(b, *w0.shape)
+            else:
+                out[site.name] = w0 - (rate / b if mean else rate) * total
+        return {n: out[n] for n in self.param_names}
+
+
+class _Outputs:
+    """Per-step losses collected by the loops."""
+
+    def __init__(self, track_query: bool) -> None:
+        self.track_query = track_query
+        self.step_losses: list[torch.Tensor] = []
+        self.elements: list[torch.Tensor] = []
+        self.queries: list[torch.Tensor] = []
+
+    def add(self, run: _Run, step: _Step, elements: torch.Tensor) -> None:
+        _, _, m = run.step_data(step)
+        count = m.sum(1).clamp(min=1).to(elements.dtype)
+        self.step_losses.append(elements.sum(1) / count)
+        self.elements.append(elements)
+
+    def stacked(self, run: _Run):
+        b = run.num_tasks
+        zeros = torch.zeros(b, 0, dtype=run.dtype, device=run.device)
+        steps = torch.stack(self.step_losses, 1) if self.step_losses else zeros
+        elements = (
+            torch.stack(self.elements, 1)
+            if self.elements
+            else torch.zeros(b, 0, run.width, dtype=run.dtype, device=run.device)
+        )
+        queries = torch.stack(self.queries, 1) if self.queries else zeros
+        return steps, elements, queries
+
+
+class _CheckpointedLoop(torch.autograd.Function):
+    """Second-order inner loop recomputed segment by segment in backward.
+
+    Forward runs every step without a graph, writing the history into buffers, and keeps
+    the small parameters at each segment's start. Backward walks the segments in reverse:
+    it reruns one with its graph from its saved small parameters and the history prefix
+    (a slice of the final buffers, made a leaf), and backpropagates into them the
+    gradients of the segment's outputs: its losses, its small parameters at the end (from
+    the later segments) and its history rows (accumulated from every later segment that
+    read them). The prefix's gradient is added to the rows of earlier segments.
+
+    Inputs: the shared weights, the initial (expanded) small parameters, the learned rate
+    tensors. Outputs: step losses ``[B, T]``, element losses ``[B, T, width]``, tracked
+    query losses ``[B, T]`` (or ``[B, 0]``), final small parameters, history ``A`` then
+    ``D`` per site.
+    """
+
+    @staticmethod
+    def forward(ctx, run: _Run, bounds: list[int], track: bool, *tensors):
+        nw, ns = len(run.sites), len(run.small_names)
+        weights, small0, rates = tensors[:nw], tensors[nw : nw + ns], tensors[nw + ns :]
+        env = _Env(list(weights), list(rates), run)
+        history = run.new_history()
+        snapshots = {b: None for b in bounds[1:-1]}
+        outs = _Outputs(track)
+        small = [p.clone() for p in small0]
+        small = run.buffered(env, small, range(run.num_steps), history, outs, True, snapshots)
+        steps, elements, queries = outs.stacked(run)
+        ctx.run, ctx.bounds, ctx.track = run, bounds, track
+        ctx.snapshots = [None] + [snapshots[b] for b in bounds[1:-1]]
+        a_hist = [h[0] for h in history]
+        d_hist = [h[1] for h in history]
+        ctx.save_for_backward(*tensors, *a_hist, *d_hist)
+        ctx.mark_non_differentiable(*(a for a, s in zip(a_hist, run.sites) if s.embedding))
+        return (steps, elements, queries, *small, *a_hist, *d_hist)
+
+    @staticmethod
+    def backward(ctx, g_steps, g_elements, g_queries, *g_rest):
+        run: _Run = ctx.run
+        nw, ns = len(run.sites), len(run.small_names)
+        saved = ctx.saved_tensors
+        nt = len(saved) - 2 * nw
+        tensors, a_hist, d_hist = saved[:nt], saved[nt : nt + nw], saved[nt + nw :]
+
+        def leaf(t):
+            return t.detach().requires_grad_(t.requires_grad)
+
+        weights = [leaf(t) for t in tensors[:nw]]
+        rates = [leaf(t) for t in tensors[nw + ns :]]
+        env = _Env(weights, rates, run)
+        g_small = list(g_rest[:ns])
+        g_a = [
+            None if s.embedding else (g if g is not None else torch.zeros_like(a))
+            for s, g, a in zip(run.sites, g_rest[ns : ns + nw], a_hist)
+        ]
+        g_d = [
+            g if g is not None else torch.zeros_like(d) for g, d in zip(g_rest[ns + nw :], d_hist)
+        ]
+        g_weights = [None] * nw
+        g_rates = [None] * len(rates)
+
+        def add(acc, g):
+            return g if acc is None else (acc if g is None else acc + g)
+
+        bounds = ctx.bounds
+        for k in reversed(range(len(bounds) - 1)):
+            lo, hi = bounds[k], bounds[k + 1]
+            start = tensors[nw : nw + ns] if k == 0 else ctx.snapshots[k]
+            small = [t.detach().requires_grad_(True) for t in start]
+            r0, r1 = run._rows(lo), run._rows(hi)
+            base, prefix_leaves = [], []
+            for s, a, d, r in zip(run.sites, a_hist, d_hist, r0):
+                if r:
+                    pa = a[:, :r].detach().requires_grad_(not s.embedding)
+                    pd = d[:, :r].detach().requires_grad_(True)
+                    base.append([(pa, pd)])
+                    prefix_leaves.append((pa, pd))
+                else:
+                    base.append([])
+                    prefix_leaves.append(None)
+            outs = _Outputs(ctx.track)
+            with torch.enable_grad(), run.hooks():
+                small_end, new = run.with_graph(env, small, base, range(lo, hi), hi - lo, outs)
+                steps, elements, queries = outs.stacked(run)
+            pairs = [(steps, g_steps[:, lo:hi]), (elements, g_elements[:, lo:hi])]
+            if ctx.track:
+                pairs.append((queries, g_queries[:, lo:hi]))
+            pairs += list(zip(small_end, g_small))
+            for j, (s, rows) in enumerate(zip(run.sites, new)):
+                if rows is None:
+                    continue
+                if not s.embedding:
+                    pairs.append((rows[0], g_a[j][:, r0[j] : r1[j]]))
+                pairs.append((rows[1], g_d[j][:, r0[j] : r1[j]]))
+            pairs = [(o, g) for o, g in pairs if g is not None and o.requires_grad]
+            wanted = list(small)
+            for pl in prefix_leaves:
+                if pl is not None:
+                    wanted += [t for t in pl if t.requires_grad]
+            wanted += [t for t in weights + rates if t.requires_grad]
+            grads = torch.autograd.grad(
+                [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True
+            )
+            it = iter(grads)
+            g_small = [next(it) for _ in small]
+            for j, (s, pl) in enumerate(zip(run.sites, prefix_leaves)):
+                if pl is None:
+                    continue
+                if not s.embedding:
+                    ga = next(it)
+                    if ga is not None:
+                        g_a[j][:, : r0[j]] += ga
+                gd = next(it)
+                if gd is not None:
+                    g_d[j][:, : r0[j]] += gd
+            for idx, t in enumerate(weights):
+                if t.requires_grad:
+                    g_weights[idx] = add(g_weights[idx], next(it))
+            for idx, t in enumerate(rates):
+                if t.requires_grad:
+                    g_rates[idx] = add(g_rates[idx], next(it))
+        return (None, None, None, *g_weights, *g_small, *g_rates)
+
+
+def _pad(t: torch.Tensor, length: int) -> torch.Tensor:
+    """``t`` (``[B, S, ...]``) zero-padded along dim 1 to ``length`` (zeros are valid
+    inputs of every encoder and targets of every loss; the mask pads with False)."""
+    missing = length - t.shape[1]
+    if missing <= 0:
+        return t
+    return torch.cat([t, t.new_zeros((t.shape[0], missing, *t.shape[2:]))], 1)
