@@ -1,13 +1,13 @@
 # reptile_gen — every target installs what it needs into .venv first.
 # CPU machines get the CPU torch wheel (pinned, so pip never pulls a multi-GB CUDA build).
-# GPU machines: make install TORCH_SPEC="torch==2.13.0" TORCH_INDEX=https://download.pytorch.org/whl/cu126 EXTRAS=dev,data,slurm,vision
+# GPU machines: make install TORCH_SPEC="torch==2.13.0" TORCH_INDEX=https://download.pytorch.org/whl/cu126 EXTRAS=dev,data,slurm,sweep,vision
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS ?= dev,data,slurm
+EXTRAS ?= dev,data,slurm,sweep
 STAMP := $(VENV)/.installed
 ARGS ?=
 # the main job that `make train` runs

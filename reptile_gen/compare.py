@@ -1,5 +1,5 @@
 """Compare runs in one chart and one table:
-``python -m reptile_gen.compare <dir> [<dir>...] [--out chart.png] [--metric mse]``
+``python -m reptile_gen.compare <dir> [<dir>...] [--out chart.png] [--metric auto]``
 (console script ``reptile-gen-compare``).
 
 Every ``metrics.json`` below the given dirs (a multirun dir, several run dirs, eval run
@@ -11,9 +11,15 @@ group's learning curve (test ``<metric>`` after k = 0..N adaptation steps, the
 ``test/<metric>_step_k`` metrics) as the mean over seeds with a +- one standard deviation
 band, together with the random-initialisation baseline (``test/random_init/<metric>_step_k``
 averaged over the runs that have it): the "MAML vs first-order MAML vs Reptile vs transfer
-vs random init" figure. The table (label, seeds, metric at steps 0, 1 and 10 as mean +- std)
-is printed and written as ``comparison.md`` and ``comparison.json`` next to the chart
-(default chart: ``<first dir>/comparison.png``).
+vs random init" figure. The table (label, seeds, metric at steps 0, 1 and the last one as
+mean +- std) is printed and written as ``comparison.md`` and ``comparison.json`` next to the
+chart (default chart: ``<first dir>/comparison.png``).
+
+Sequence tasks (text, digits, MNIST) have no curve but one likelihood per run: with
+``--metric auto`` (the default) or e.g. ``--metric nll_bits_per_pixel`` the chart is one bar
+per group (mean +- std over seeds) next to the random initialisation, and the table has one
+column. Job dirs of a sweep without a ``metrics.json`` (failed or unfinished jobs) are not
+counted and are named on stderr.
 """
 
 from __future__ import annotations
@@ -77,6 +83,16 @@ class Run:
             if key in self.overrides:
                 return _number(self.overrides[key])
         return self.config.get("seed")
+
+    def series(self, metric: str, kind: str = "curve", prefix: str = "test") -> list[float]:
+        """The curve (``kind="curve"``) or ``[prefix/<metric>]`` (``kind="value"``, e.g.
+        ``test/nll_bits_per_pixel`` of a sequence task), or ``[]`` when the run lacks it."""
+        if kind == "curve":
+            return self.curve(metric, prefix)
+        value = self.metrics.get(f"{prefix}/{metric}", "missing")
+        if value is None:  # a NaN, as write_metrics stores it
+            return [math.nan]
+        return [float(value)] if isinstance(value, (int, float)) else []
 
     def curve(self, metric: str, prefix: str = "test") -> list[float]:
         """``[prefix/<metric>_step_0, _step_1, ...]`` up to the first missing step (NaN
@@ -252,42 +268,81 @@ def _mean_std(curves: list[list[float]], truncate: bool = True) -> tuple[list[fl
     return means, stds
 
 
-def group_runs(runs: list[Run], metric: str = "mse") -> tuple[list[Group], Group | None]:
+#: what ``--metric auto`` picks when no run has the ``mse`` curve (sequence tasks)
+VALUE_DEFAULTS = ("nll_bits_per_char", "nll_bits_per_pixel")
+
+
+def available_metrics(runs: list[Run]) -> tuple[list[str], list[str]]:
+    """``(curve metrics, value metrics)`` of the runs: ``<m>`` of ``test/<m>_step_k`` and
+    of numeric ``test/<m>`` values (confidence intervals and random init left out)."""
+    curves, values = set(), set()
+    for run in runs:
+        for key, value in run.metrics.items():
+            if m := re.fullmatch(r"test/([^/]+)_step_0", key):
+                curves.add(m.group(1))
+            elif (
+                (m := re.fullmatch(r"test/([^/]+)", key))
+                and not re.search(r"_step_\d+(_ci95)?$|_ci95$", key)
+                and (value is None or isinstance(value, (int, float)))
+            ):
+                values.add(m.group(1))
+    return sorted(curves), sorted(values)
+
+
+def choose_metric(runs: list[Run], metric: str = "auto") -> tuple[str, str]:
+    """``(metric, kind)``: ``kind`` is ``curve`` (``test/<metric>_step_k`` over adaptation
+    steps) or ``value`` (one number per run, ``test/<metric>``). ``auto`` is the ``mse``
+    curve (few-shot tasks) if any run has it, else bits per char or pixel (sequence tasks).
+    A metric no run has is a :class:`CompareError` that lists the ones they have."""
+    curves, values = available_metrics(runs)
+    if metric == "auto":
+        for name in ("mse", *curves):
+            if name in curves:
+                return name, "curve"
+        for name in (*VALUE_DEFAULTS, *values):
+            if name in values:
+                return name, "value"
+    elif metric in curves:
+        return metric, "curve"
+    elif metric in values:
+        return metric, "value"
+    raise CompareError(
+        f"no run has the metric {metric!r} (a curve test/{metric}_step_k or a value "
+        f"test/{metric}); metrics found: curves: {', '.join(curves) or 'none'}; values: "
+        f"{', '.join(values) or 'none'} (choose one with --metric)"
+    )
+
+
+def group_runs(
+    runs: list[Run], metric: str = "mse", kind: str = "curve"
+) -> tuple[list[Group], Group | None]:
     """``(groups, random-init baseline)``: runs labelled (:func:`label_runs`) and grouped by
-    label, in order of first appearance; runs without the metric's curve are left out
-    (a :class:`CompareError` when none has it). The baseline averages
-    ``test/random_init/<metric>_step_k``, step by step, over every run that has that step
+    label, in order of first appearance; runs without the metric are left out (a
+    :class:`CompareError` when none has it). A group's ``mean``/``std`` are per step of the
+    curve, or one entry for a ``value`` metric. The baseline averages
+    ``test/random_init/<metric>[_step_k]``, step by step, over every run that has that step
     (None if none does)."""
-    with_curve = [r for r in runs if r.curve(metric)]
-    if not with_curve:
-        seen = sorted(
-            {
-                m.group(1)
-                for r in runs
-                for key in r.metrics
-                if (m := re.fullmatch(r"test/([^/]+)_step_0", key))
-            }
-        )
-        raise CompareError(
-            f"no run has the metric {metric!r} (test/{metric}_step_k); "
-            f"metrics found: {', '.join(seen) or 'none'} (choose one with --metric)"
-        )
-    label_runs(with_curve)
+    with_metric = [r for r in runs if r.series(metric, kind)]
+    if not with_metric:
+        choose_metric(runs, metric)  # raises, listing what the runs have
+        raise CompareError(f"no run has the {kind} metric {metric!r} (choose one with --metric)")
+    label_runs(with_metric)
     by_label: dict[str, list[Run]] = {}
-    for run in with_curve:
+    for run in with_metric:
         by_label.setdefault(run.label, []).append(run)
     groups = [
-        Group(label, members, *_mean_std([r.curve(metric) for r in members]))
+        Group(label, members, *_mean_std([r.series(metric, kind) for r in members]))
         for label, members in by_label.items()
     ]
-    baseline_runs = [r for r in with_curve if r.curve(metric, "test/random_init")]
+    baseline_runs = [r for r in with_metric if r.series(metric, kind, "test/random_init")]
     baseline = None
     if baseline_runs:
         baseline = Group(
             RANDOM_INIT,
             baseline_runs,
             *_mean_std(
-                [r.curve(metric, "test/random_init") for r in baseline_runs], truncate=False
+                [r.series(metric, kind, "test/random_init") for r in baseline_runs],
+                truncate=False,
             ),
         )
     return groups, baseline
@@ -304,8 +359,11 @@ def _nan_to_none(values):
     return [None if math.isnan(v) else v for v in values]
 
 
-def summarize(groups: list[Group], baseline: Group | None, metric: str, steps) -> dict:
-    """The comparison as a JSON-able dict (what ``comparison.json`` holds)."""
+def summarize(
+    groups: list[Group], baseline: Group | None, metric: str, steps, kind: str = "curve"
+) -> dict:
+    """The comparison as a JSON-able dict (what ``comparison.json`` holds); for a
+    ``value`` metric, ``mean``/``std`` have one entry and ``steps`` is ``[0]``."""
 
     def entry(group: Group) -> dict:
         return {
@@ -320,6 +378,7 @@ def summarize(groups: list[Group], baseline: Group | None, metric: str, steps) -
 
     return {
         "metric": metric,
+        "kind": kind,
         "spread": "sample standard deviation over the runs of a group (seeds)",
         "steps": list(steps),
         "groups": [entry(g) for g in groups],
@@ -327,9 +386,16 @@ def summarize(groups: list[Group], baseline: Group | None, metric: str, steps) -
     }
 
 
-def format_table(groups: list[Group], baseline: Group | None, metric: str, steps) -> str:
-    """A Markdown table: label, seeds, the metric at ``steps`` (mean +- std)."""
-    header = ["label", "n seeds"] + [f"{metric.upper()}@{k}" for k in steps]
+def format_table(
+    groups: list[Group], baseline: Group | None, metric: str, steps, kind: str = "curve"
+) -> str:
+    """A Markdown table: label, seeds, the metric at ``steps`` (mean +- std); a ``value``
+    metric has one column, named by the metric."""
+    if kind != "curve":
+        steps = [0]
+    header = ["label", "n seeds"] + (
+        [f"{metric.upper()}@{k}" for k in steps] if kind == "curve" else [metric]
+    )
     rows = []
     for group in groups + ([baseline] if baseline is not None else []):
         cells = [group.label, str(group.n)]
@@ -347,15 +413,22 @@ def format_table(groups: list[Group], baseline: Group | None, metric: str, steps
 
 
 def plot_comparison(
-    groups: list[Group], baseline: Group | None, path: str | Path, metric: str, log_y=True
+    groups: list[Group],
+    baseline: Group | None,
+    path: str | Path,
+    metric: str,
+    log_y=True,
+    kind: str = "curve",
 ) -> Path:
     """All learning curves in one chart: mean over seeds with a +- std band; the random
-    init baseline dashed."""
+    init baseline dashed. A ``value`` metric: one bar per group with a +- std error bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if kind != "curve":
+        return _plot_values(groups, baseline, Path(path), metric, plt)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series = [(g, {"marker": "o", "markersize": 3}) for g in groups]
     if baseline is not None:
@@ -384,26 +457,74 @@ def plot_comparison(
     return path
 
 
+def _plot_values(groups, baseline, path: Path, metric: str, plt) -> Path:
+    bars = groups + ([baseline] if baseline is not None else [])
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.45 * len(bars)))
+    labels = [f"{g.label} (n={g.n})" if g is not baseline else g.label for g in bars]
+    ax.barh(
+        range(len(bars)),
+        [g.mean[0] for g in bars],
+        xerr=[g.std[0] for g in bars],
+        color=["C0"] * len(groups) + ["0.6"] * (len(bars) - len(groups)),
+        capsize=3,
+    )
+    ax.set_yticks(range(len(bars)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"test {metric}")
+    ax.set_title(f"test {metric} (mean ± std over seeds)")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def default_steps(groups: list[Group]) -> list[int]:
+    """Table columns: steps 0, 1 and the last step the curves reach."""
+    last = max((len(g.mean) for g in groups), default=1) - 1
+    return sorted({k for k in (0, 1, last) if k <= last})
+
+
 def compare(
-    dirs, out: str | Path | None = None, metric: str = "mse", steps=(0, 1, 10), log_y=True
+    dirs, out: str | Path | None = None, metric: str = "auto", steps=None, log_y=True
 ) -> dict:
     """Find, group, plot and tabulate; returns the summary (``comparison.json``) with the
-    paths written under ``"files"``."""
+    paths written under ``"files"``. ``metric="auto"``: see :func:`choose_metric`;
+    ``steps=None``: :func:`default_steps`."""
     if not dirs:
         raise CompareError("give at least one run or multirun dir")
     runs = [load_run(p) for p in find_metrics(dirs)]
-    groups, baseline = group_runs(runs, metric)
+    metric, kind = choose_metric(runs, metric)
+    groups, baseline = group_runs(runs, metric, kind)
+    steps = list(steps) if steps is not None else default_steps(groups)
+    if kind != "curve":
+        steps = [0]
     chart = Path(out) if out else Path(dirs[0]) / "comparison.png"
-    plot_comparison(groups, baseline, chart, metric, log_y=log_y)
-    summary = summarize(groups, baseline, metric, steps)
-    table = format_table(groups, baseline, metric, steps)
+    plot_comparison(groups, baseline, chart, metric, log_y=log_y, kind=kind)
+    summary = summarize(groups, baseline, metric, steps, kind)
+    table = format_table(groups, baseline, metric, steps, kind)
     md, js = chart.parent / "comparison.md", chart.parent / "comparison.json"
-    md.write_text(f"# Test {metric} after k adaptation steps\n\n![chart]({chart.name})\n\n{table}")
+    title = f"Test {metric} after k adaptation steps" if kind == "curve" else f"Test {metric}"
+    md.write_text(f"# {title}\n\n![chart]({chart.name})\n\n{table}")
+    missing = _jobs_without_metrics(dirs)
+    summary["without_metrics"] = [str(d) for d in missing]
     summary["chart"] = str(chart)
     js.write_text(json.dumps(summary, indent=2) + "\n")
     summary["table"] = table
     summary["files"] = [str(chart), str(md), str(js)]
     return summary
+
+
+def _jobs_without_metrics(dirs) -> list[Path]:
+    """Run dirs (with a ``.hydra/`` folder) below ``dirs`` that have no ``metrics.json``:
+    failed or unfinished jobs of a sweep, which the comparison does not count."""
+    found = []
+    for d in dirs:
+        for hydra_dir in sorted(Path(d).rglob(".hydra")):
+            if hydra_dir.is_dir() and not (hydra_dir.parent / "metrics.json").is_file():
+                found.append(hydra_dir.parent)
+    return found
 
 
 def _steps(text: str) -> list[int]:
@@ -429,9 +550,18 @@ def main(argv: list[str] | None = None) -> int:
         help="chart path (default: <first dir>/comparison.png); "
         "comparison.md and comparison.json are written next to it",
     )
-    parser.add_argument("--metric", default="mse", help="test metric name (default: mse)")
     parser.add_argument(
-        "--steps", type=_steps, default=[0, 1, 10], help="table columns (default: 0,1,10)"
+        "--metric",
+        default="auto",
+        help="test metric: a curve over adaptation steps (mse: test/mse_step_k) or a value "
+        "(e.g. nll_bits_per_pixel); default auto: mse if the runs have it, else bits per "
+        "char or pixel",
+    )
+    parser.add_argument(
+        "--steps",
+        type=_steps,
+        default=None,
+        help="table columns of a curve metric (default: 0, 1 and the last step)",
     )
     parser.add_argument("--linear", action="store_true", help="linear y axis (default: log)")
     args = parser.parse_args(argv)
@@ -440,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     except CompareError as err:
         parser.error(str(err))
     print(summary["table"], end="")
+    for path in summary["without_metrics"]:
+        print(f"not counted (no metrics.json: failed or unfinished): {path}", file=sys.stderr)
     for path in summary["files"]:
         print(f"wrote {path}")
     return 0

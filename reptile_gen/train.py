@@ -25,6 +25,7 @@ from reptile_gen.utils.runtime import (
     optimized_value,
     resolve_ckpt_path,
 )
+from reptile_gen.utils.wandb_logging import log_report
 
 __all__ = ["train", "test_and_report", "main"]
 
@@ -50,10 +51,14 @@ def test_and_report(
         else extra
     )
     metrics = write_metrics(trainer.callback_metrics, out_dir / "metrics.json", extra=extra)
+    written = []
     if trainer.is_global_zero and hasattr(datamodule, "write_report"):
-        for path in datamodule.write_report(module, out_dir):
+        written = list(datamodule.write_report(module, out_dir))
+        for path in written:
             log.info("wrote %s", path)
     if trainer.is_global_zero:
+        # plots and samples as W&B media, metrics.json as the W&B summary (W&B loggers only)
+        log_report(trainer.loggers, written, metrics, step=trainer.global_step)
         print_summary(metrics, out_dir)
     return metrics
 

@@ -1,6 +1,7 @@
-"""The real command lines, as subprocesses from the repo root: a two-algorithm multirun of
-train, eval of one of its checkpoints into a new run dir, compare of the sweep, the clear
-error of a missing checkpoint, and the console scripts."""
+"""The real command lines, as subprocesses from the repo root: a 2 algorithms x 2 seeds
+multirun of train, eval of one of its checkpoints into a new run dir, compare of the sweep
+(seeds grouped: mean ± std), the clear error of a missing checkpoint, and the console
+scripts."""
 
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def project(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sweep(project):
-    """``python -m reptile_gen.train -m algorithm=maml,reptile`` (tiny) into a sweep dir."""
+    """``python -m reptile_gen.train -m algorithm=maml,reptile seed=0,1`` (tiny) into a
+    sweep dir: jobs 0, 1 are MAML with seeds 0, 1; jobs 2, 3 Reptile."""
     sweep_dir = project / "sweep"
     check(
         run_cli(
@@ -56,6 +58,7 @@ def sweep(project):
                 "reptile_gen.train",
                 "-m",
                 "algorithm=maml,reptile",
+                "seed=0,1",
                 *TINY,
                 f"algorithm.eval_inner_steps={EVAL_STEPS}",
                 f"hydra.sweep.dir={sweep_dir}",
@@ -67,17 +70,18 @@ def sweep(project):
 
 
 def test_multirun_writes_one_run_dir_per_job(sweep):
-    for job, algorithm in (("0", "maml"), ("1", "reptile")):
+    jobs = [("0", "maml", 0), ("1", "maml", 1), ("2", "reptile", 0), ("3", "reptile", 1)]
+    for job, algorithm, seed in jobs:
         run_dir = sweep / job
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert f"test/mse_step_{EVAL_STEPS}" in metrics
         assert (run_dir / "checkpoints" / "last.ckpt").is_file()
         overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
-        assert f"algorithm={algorithm}" in overrides
+        assert f"algorithm={algorithm}" in overrides and f"seed={seed}" in overrides
 
 
 def test_eval_of_a_checkpoint_writes_a_new_run_dir(sweep, project):
-    train_dir = sweep / "1"  # the Reptile job: not the eval app's default algorithm
+    train_dir = sweep / "2"  # a Reptile job: not the eval app's default algorithm
     train_metrics = (train_dir / "metrics.json").read_text()
     runs = project / "outputs" / "eval" / "runs"
     before = set(runs.iterdir()) if runs.exists() else set()
@@ -127,7 +131,16 @@ def test_compare_of_the_sweep(sweep, project):
     assert "| label" in (sweep / "comparison.md").read_text()
     summary = json.loads((sweep / "comparison.json").read_text())
     assert [g["label"] for g in summary["groups"]] == ["algorithm=maml", "algorithm=reptile"]
-    assert len(summary["groups"][0]["mean"]) == EVAL_STEPS + 1
+    for group, jobs in zip(summary["groups"], (("0", "1"), ("2", "3"))):
+        # one group per algorithm over its two seeds: mean and sample std of their curves
+        assert group["n"] == 2 and sorted(group["seeds"]) == [0, 1]
+        assert len(group["mean"]) == EVAL_STEPS + 1
+        curves = [json.loads((sweep / j / "metrics.json").read_text()) for j in jobs]
+        for k in range(EVAL_STEPS + 1):
+            values = [c[f"test/mse_step_{k}"] for c in curves]
+            assert group["mean"][k] == pytest.approx(sum(values) / 2)
+            assert group["std"][k] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
+    assert "| algorithm=maml    | 2       |" in proc.stdout and " ± " in proc.stdout
 
 
 def test_compare_without_runs_fails_clearly(project, tmp_path):

@@ -202,5 +202,49 @@ def test_no_metrics_is_a_clear_error(tmp_path, capsys):
 
 def test_unknown_metric_lists_the_available_ones(tmp_path):
     write_run(tmp_path / "a", line(3, 0.1), metric="nll")
-    with pytest.raises(CompareError, match="no run has the metric 'mse'.*nll"):
-        compare([tmp_path])
+    with pytest.raises(CompareError, match="no run has the metric 'mse'.*curves: nll"):
+        compare([tmp_path], metric="mse")
+
+
+def test_sequence_runs_compare_their_likelihood(tmp_path, capsys):
+    """A sequence task has one likelihood per run, no curve: ``--metric auto`` picks bits
+    per pixel, one bar and one column per group; a job dir without metrics.json (a failed
+    job) is named, not counted."""
+    sweep = tmp_path / "sweep"
+    runs = [("maml", 0, 0.5), ("maml", 1, 0.6), ("lstm", 0, 0.4), ("lstm", 1, 0.42)]
+    for job, (algo, seed, bits) in enumerate(runs):
+        run_dir = write_run(
+            sweep / str(job),
+            [],
+            overrides=["task=digits", f"algorithm={algo}", f"seed={seed}"],
+            seed=seed,
+            choices={"algorithm": algo},
+        )
+        metrics = {
+            "test/nll_bits_per_pixel": bits,
+            "test/nll_nats_per_image": bits * 64,
+            "test/nll_nats_per_image_ci95": 0.1,
+            "test/random_init/nll_bits_per_pixel": 0.9 + 0.02 * job,
+            "data/source": "sklearn:digits",
+        }
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    failed = sweep / "4"
+    (failed / ".hydra").mkdir(parents=True)
+    assert main([str(sweep)]) == 0
+    printed = capsys.readouterr()
+    assert "| nll_bits_per_pixel |" in printed.out and "0.55 ± 0.071" in printed.out
+    assert f"not counted (no metrics.json: failed or unfinished): {failed}" in printed.err
+    summary = json.loads((sweep / "comparison.json").read_text())
+    assert summary["kind"] == "value" and summary["metric"] == "nll_bits_per_pixel"
+    assert [(g["label"], g["n"]) for g in summary["groups"]] == [
+        ("algorithm=maml", 2),
+        ("algorithm=lstm", 2),
+    ]
+    assert summary["groups"][1]["mean"] == [pytest.approx(0.41)]
+    assert summary["random_init"]["mean"] == [pytest.approx(0.93)]
+    assert summary["without_metrics"] == [str(failed)]
+    assert (sweep / "comparison.png").stat().st_size > 0
+    other = compare([sweep], out=tmp_path / "nats" / "c.png", metric="nll_nats_per_image")
+    assert other["groups"][0]["mean"] == [pytest.approx(0.55 * 64)]
+    with pytest.raises(CompareError, match="values: nll_bits_per_pixel, nll_nats_per_image"):
+        compare([sweep], metric="mse")

@@ -12,6 +12,8 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from reptile_gen.utils.wandb_logging import instantiate_wandb_logger, is_wandb
+
 __all__ = ["build_run", "build_callbacks", "build_loggers", "build_trainer", "write_metrics"]
 
 log = logging.getLogger(__name__)
@@ -54,8 +56,10 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
 
 
 def build_loggers(cfg: DictConfig) -> list:
+    """The configured loggers; a W&B logger also gets its mode, the run's resolved config
+    and, in a multirun, its job's name and sweep group (see :mod:`reptile_gen.utils.wandb_logging`)."""
     return [
-        hydra.utils.instantiate(c)
+        instantiate_wandb_logger(c, cfg) if is_wandb(c) else hydra.utils.instantiate(c)
         for c in (cfg.get("logger") or {}).values()
         if c is not None and "_target_" in c
     ]

@@ -1,0 +1,125 @@
+"""Hyperparameter search with the Optuna sweeper (``hparams_search=sine_optuna``) through
+the real command line, its trials logged as W&B runs of one group (offline), and the
+metric that train returns to a sweeper (``optimized_metric``)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+from conftest import TINY
+from wandb_records import offline_runs, run_train
+
+from reptile_gen.utils.runtime import ConfigError, optimized_value
+
+N_TRIALS = 2
+SEARCH = ["algorithm.inner_lr", "algorithm.optimizer.lr", "algorithm.inner_steps"]
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory):
+    """A 2-trial TPE search on tiny sine runs, each trial a W&B run with checkpoints."""
+    home = tmp_path_factory.mktemp("optuna")
+    sweep_dir = home / "search"
+    proc = run_train(
+        [
+            "hparams_search=sine_optuna",
+            f"hydra.sweeper.n_trials={N_TRIALS}",
+            *[o for o in TINY if not o.startswith("logger=")],
+            "logger=wandb",
+            "logger.wandb.log_model=true",
+            "algorithm.eval_inner_steps=2",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        home,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return sweep_dir
+
+
+def test_search_writes_best_params_of_its_trials(search):
+    results = yaml.safe_load((search / "optimization_results.yaml").read_text())
+    assert results["name"] == "optuna"
+    best = results["best_params"]
+    assert sorted(best) == sorted(SEARCH)
+    assert 0.001 <= best["algorithm.inner_lr"] <= 0.3
+    assert 0.0001 <= best["algorithm.optimizer.lr"] <= 0.01
+    assert (
+        isinstance(best["algorithm.inner_steps"], int) and 1 <= best["algorithm.inner_steps"] <= 5
+    )
+    assert math.isfinite(results["best_value"])
+    trials = []
+    for job in range(N_TRIALS):
+        job_dir = search / str(job)
+        assert (job_dir / "metrics.json").is_file()
+        overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text())
+        params = dict(o.split("=", 1) for o in overrides if o.split("=")[0] in SEARCH)
+        config = yaml.safe_load((job_dir / ".hydra" / "config.yaml").read_text())
+        # the trial's parameters reached the run's config
+        assert config["algorithm"]["inner_steps"] == int(params["algorithm.inner_steps"])
+        assert config["algorithm"]["inner_lr"] == pytest.approx(float(params["algorithm.inner_lr"]))
+        trials.append(params)
+    assert trials[0] != trials[1]
+    assert {k: str(v) for k, v in best.items()} in trials
+
+
+def test_trials_are_wandb_runs_of_one_group_with_plots_and_checkpoints(search):
+    runs = [offline_runs(search / str(job)) for job in range(N_TRIALS)]
+    assert [len(r) for r in runs] == [1] * N_TRIALS
+    runs = [r[0] for r in runs]
+    assert len({r.run_id for r in runs}) == N_TRIALS
+    assert {r.group for r in runs} == {search.name}
+    assert all(r.exit_code == 0 for r in runs)
+    for job, run in enumerate(runs):
+        hydra_yaml = yaml.safe_load((search / str(job) / ".hydra" / "hydra.yaml").read_text())
+        assert run.name == hydra_yaml["hydra"]["job"]["override_dirname"]
+        assert "algorithm.inner_lr=" in run.name
+    run = runs[0]
+    config = yaml.safe_load((search / "0" / ".hydra" / "config.yaml").read_text())
+    assert run.config["algorithm"]["inner_lr"] == config["algorithm"]["inner_lr"]
+    assert run.config["optimized_metric"] == "val/loss"
+    assert {"train/meta_loss", "val/loss", "test/mse_step_2"} <= run.history_keys
+    metrics = json.loads((search / "0" / "metrics.json").read_text())
+    assert run.summary["test/mse_step_2"] == pytest.approx(metrics["test/mse_step_2"])
+    # learning_curve.png and fit.png as wandb.Image
+    images = [p.name for p in run.media("images")]
+    assert any(n.startswith("learning_curve_") for n in images), images
+    assert any(n.startswith("fit_") for n in images), images
+    # checkpoints as "model" artifacts, staged for `wandb sync`
+    models = [a for a in run.artifacts if a.type == "model"]
+    assert models and {c.path for a in models for c in a.manifest.contents} == {"model.ckpt"}
+
+
+def test_missing_metric_in_a_search_is_a_clear_error(make_cfg):
+    cfg = make_cfg(["hparams_search=sine_optuna", "optimized_metric=val/no_such"])
+    metrics = {"val/loss": 0.5, "test/mse_step_1": 0.4, "data/corpus_sha256": "ab"}
+    with pytest.raises(ConfigError) as err:
+        optimized_value(cfg, metrics)
+    message = str(err.value)
+    assert "optimized_metric='val/no_such' is not a metric of this run" in message
+    assert "OptunaSweeper" in message and "allowed: test/mse_step_1, val/loss" in message
+    cfg = make_cfg(["hparams_search=sine_optuna", "optimized_metric=null"])
+    with pytest.raises(ConfigError, match="optimized_metric=None is not set"):
+        optimized_value(cfg, metrics)
+    cfg = make_cfg(["hparams_search=sine_optuna", "optimized_metric=data/corpus_sha256"])
+    with pytest.raises(ConfigError, match="is 'ab' in this run, not a number"):
+        optimized_value(cfg, metrics)
+
+
+def test_search_gets_the_metric_and_inf_for_a_diverged_trial(make_cfg):
+    cfg = make_cfg(["hparams_search=sine_optuna"])
+    assert optimized_value(cfg, {"val/loss": 0.25}) == 0.25
+    # the Optuna sweeper aborts the whole study on a NaN: a diverged trial is the worst
+    assert optimized_value(cfg, {"val/loss": math.nan}) == math.inf
+    cfg = make_cfg(["hparams_search=sine_optuna", "hydra.sweeper.direction=maximize"])
+    assert optimized_value(cfg, {"val/loss": math.nan}) == -math.inf
+
+
+@pytest.mark.parametrize("overrides", [[], ["hydra.mode=MULTIRUN"]])
+def test_plain_runs_and_basic_sweeps_return_none_when_missing(make_cfg, overrides):
+    cfg = make_cfg(overrides)
+    assert optimized_value(cfg, {"test/mse_step_1": 0.4}) is None
+    assert optimized_value(make_cfg([*overrides, "optimized_metric=null"]), {}) is None
+    assert optimized_value(cfg, {"val/loss": 0.5}) == 0.5
