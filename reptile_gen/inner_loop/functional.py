@@ -1,4 +1,18 @@
-"""The default engine: ``torch.func`` (``functional_call`` + ``grad`` + ``vmap`` over tasks).
+"""The default engine: pure functions of per-task parameters, batched over the tasks.
+
+How the tasks are batched is the engine's ``path`` (default ``auto``: the fastest that
+covers the model; all give the same numbers, see :mod:`.batched`):
+
+* ``analytic``: ``[B, ...]`` parameters, hand-batched forward and hand-written inner
+  gradient (no double backward); chosen for models made of ``Linear``, elementwise
+  activations, ``SineLayer`` and the input encoders (``mlp``, ``text_mlp``, ``siren``).
+* ``autograd``: ``[B, ...]`` parameters, hand-batched forward, inner gradient from one
+  ``torch.autograd.grad`` of the summed task losses; chosen for the other built-in
+  bodies (``gated_mlp``, ``lstm_block`` with its LayerNorm).
+* ``vmap``: as ``autograd`` with a ``vmap(functional_call)`` forward; chosen for any
+  other model.
+* ``vmap_grad``: the generic ``torch.func`` form, ``vmap`` over tasks of ``grad`` of a
+  ``functional_call`` (the reference the others are tested against).
 
 Long sequences (784 MNIST steps) make the second-order unroll too big to keep: each step
 holds a per-task copy of every parameter. Two remedies, chosen by config:
@@ -29,9 +43,13 @@ from reptile_gen.inner_loop.base import (
     first_visit,
     masked_mean,
 )
+from reptile_gen.inner_loop.batched import BatchedRunner, compile_model
 from reptile_gen.inner_loop.schedule import InnerLR, InnerSchedule
 
-__all__ = ["FunctionalEngine", "num_segments", "check_truncate_steps"]
+__all__ = ["FunctionalEngine", "num_segments", "check_truncate_steps", "PATHS"]
+
+#: ``FunctionalEngine(path=...)`` values (``auto`` picks among the others)
+PATHS = ("auto", "analytic", "autograd", "vmap", "vmap_grad")
 
 
 def num_segments(setting, num_steps: int) -> int:
@@ -68,6 +86,8 @@ class FunctionalEngine(InnerLoopEngine):
             recompute-in-backward for second-order gradients of long inner loops.
         truncate_steps: differentiate only through the last ``k`` inner updates (None:
             all of them).
+        path: how tasks are batched (see the module docstring); ``auto`` picks
+            ``analytic``, ``autograd`` or ``vmap`` from the model's modules.
     """
 
     name = "functional"
@@ -77,12 +97,40 @@ class FunctionalEngine(InnerLoopEngine):
         chunk_size: int | None = None,
         checkpoint_segments: int | str | None = None,
         truncate_steps: int | None = None,
+        path: str = "auto",
     ) -> None:
         num_segments(checkpoint_segments, 1)  # validates
         check_truncate_steps(truncate_steps)
+        if path not in PATHS:
+            raise ValueError(f"functional engine path={path!r}; allowed: {', '.join(PATHS)}")
         self.chunk_size = chunk_size
         self.checkpoint_segments = checkpoint_segments
         self.truncate_steps = truncate_steps
+        self.path = path
+
+    def resolve_path(self, model: nn.Module, names: list[str] | None = None) -> tuple[str, object]:
+        """``(path, compiled model or None)`` this engine runs ``model`` with."""
+        if names is None:
+            names = [n for n, _ in model.named_parameters()]
+        if self.path == "vmap_grad":
+            return "vmap_grad", None
+        batched = compile_model(model, names) if self.path != "vmap" else None
+        if self.path == "auto":
+            if batched is None:
+                return "vmap", None
+            return ("analytic" if batched.analytic else "autograd"), batched
+        if self.path in ("analytic", "autograd") and batched is None:
+            raise ValueError(
+                f"functional engine path={self.path!r}: {type(model).__name__} holds a "
+                "module without a batched form; allowed for it: auto, vmap, vmap_grad"
+            )
+        if self.path == "analytic" and not batched.analytic:
+            raise ValueError(
+                "functional engine path='analytic': some module of "
+                f"{type(model).__name__} has no hand-written backward; allowed for it: "
+                "auto, autograd, vmap, vmap_grad"
+            )
+        return self.path, batched
 
     def run(
         self,
@@ -96,8 +144,9 @@ class FunctionalEngine(InnerLoopEngine):
         track_query: bool = False,
         return_adapted: bool = False,
     ) -> InnerLoopResult:
-        names = [n for n, _ in model.named_parameters()]
-        theta = [p for _, p in model.named_parameters()]
+        named = list(model.named_parameters())
+        names = [n for n, _ in named]
+        theta = [p for _, p in named]
         rates = lr.rates_by_name()
         if grad_mode == "none":
             theta = [p.detach() for p in theta]
@@ -114,9 +163,14 @@ class FunctionalEngine(InnerLoopEngine):
             if grad_mode == "first_order"
             else (max(num_steps - truncate, 0) if truncate is not None else 0)
         )
-        runner = _SegmentRunner(
-            model, names, loss_fn, rates, self.chunk_size, track_query and batch.has_query
-        )
+        path, batched = self.resolve_path(model, names)
+        track = track_query and batch.has_query
+        if path == "vmap_grad":
+            runner = _SegmentRunner(model, names, loss_fn, rates, self.chunk_size, track)
+        else:
+            runner = BatchedRunner(
+                model, names, loss_fn, rates, self.chunk_size, track, path, batched
+            )
         data = (batch.support_x, batch.support_y, batch.support_mask)
         query = (batch.query_x, batch.query_y) if batch.has_query else None
 
@@ -167,7 +221,8 @@ class FunctionalEngine(InnerLoopEngine):
 
 
 class _SegmentRunner:
-    """Runs a stretch of inner steps for all tasks at once (``vmap`` over tasks)."""
+    """Runs a stretch of inner steps for all tasks at once (``vmap`` over tasks of
+    ``grad``): the ``vmap_grad`` path."""
 
     def __init__(self, model, names, loss_fn, rates, chunk_size, track_query) -> None:
         self.model = model

@@ -1,0 +1,214 @@
+"""Float64 parity of the functional engine's fast paths (``analytic``, ``autograd``,
+``vmap``) with its generic ``vmap_grad`` path (``torch.func.grad`` inside ``vmap``):
+losses, adapted parameters and meta-gradients, for every built-in body, the three
+losses, learned rates, padding, chunking, checkpointing and truncation; plus which path
+``auto`` picks and the errors of a forced path the model cannot take."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from helpers import (
+    CLASSES,
+    CONTINUOUS,
+    ONLINE_1,
+    ONLINE_2,
+    PADDED_LENGTHS,
+    QUERY_SCHEDULE,
+    assert_all_close,
+    make_batch,
+    make_lr,
+    make_model,
+    meta_grads,
+)
+from torch import nn
+
+from reptile_gen.data.task_batch import TaskBatch
+from reptile_gen.data.task_spec import TaskSpec
+from reptile_gen.inner_loop import FunctionalEngine
+from reptile_gen.inner_loop.batched import closed_form_loss
+from reptile_gen.models import MLP, GatedMLP, LSTMBlockStack, Siren
+
+BITS = TaskSpec("discrete", "bits", input_sizes=(4, 3))
+REFERENCE = FunctionalEngine(path="vmap_grad")
+SCHEDULES = {"query3": QUERY_SCHEDULE, "online1": ONLINE_1, "online2": ONLINE_2}
+
+BODIES = {
+    "mlp_relu": (functools.partial(MLP, hidden_sizes=[6, 5], activation="relu"), "analytic"),
+    "mlp_gelu": (functools.partial(MLP, hidden_sizes=[6], activation="gelu"), "analytic"),
+    "mlp_silu": (functools.partial(MLP, hidden_sizes=[6], activation="silu"), "analytic"),
+    "siren": (functools.partial(Siren, hidden_sizes=[5, 5]), "analytic"),
+    "gated_mlp": (functools.partial(GatedMLP, hidden_sizes=[5]), "autograd"),
+    "lstm_block_input_ln": (
+        functools.partial(LSTMBlockStack, hidden_sizes=[4], input_layer=3, layer_norm=True),
+        "autograd",
+    ),
+}
+
+
+def _close(a, b, what, rtol=1e-10, atol=1e-12):
+    for field in ("step_losses", "element_losses", "query_losses"):
+        x, y = getattr(a, field), getattr(b, field)
+        assert (x is None) == (y is None), field
+        if x is not None:
+            torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=f"{what}: {field}")
+    if b.adapted is not None:
+        for name in b.adapted:
+            torch.testing.assert_close(
+                a.adapted[name], b.adapted[name], rtol=rtol, atol=atol, msg=f"{what}: {name}"
+            )
+
+
+def _check(engine, model, batch, lr, spec, kinds, tol=None):
+    """Same losses/adapted weights (no graph) and same meta-gradients (second and first
+    order) as the reference path."""
+    tol = tol or {}
+    kw = {"track_query": batch.has_query, "return_adapted": True}
+    for name, sched in SCHEDULES.items():
+        with torch.enable_grad():
+            a = engine.run(model, batch, spec.elementwise_loss, lr, sched, "none", **kw)
+            b = REFERENCE.run(model, batch, spec.elementwise_loss, lr, sched, "none", **kw)
+        _close(a, b, f"{name} none", **tol)
+        for kind in kinds:
+            for grad_mode in ("second_order", "first_order"):
+                va, ga = meta_grads(engine, model, batch, lr, sched, kind, grad_mode, spec)
+                vb, gb = meta_grads(REFERENCE, model, batch, lr, sched, kind, grad_mode, spec)
+                torch.testing.assert_close(va, vb, rtol=1e-10, atol=1e-12)
+                assert_all_close(ga, gb, what=f"{name} {kind} {grad_mode}", **tol)
+
+
+@pytest.mark.parametrize("body", list(BODIES))
+def test_fast_paths_match_vmap_grad_on_every_body(body):
+    make_body, expected = BODIES[body]
+    model = make_model(body=make_body)
+    assert FunctionalEngine().resolve_path(model)[0] == expected
+    batch = make_batch(lengths=PADDED_LENGTHS)
+    lr = make_lr(model, "per_tensor", init=0.005 if body == "siren" else 0.05)
+    tol = {"rtol": 1e-9, "atol": 1e-9} if body == "siren" else {}
+    # the vmap forward is the same for every body: two of them suffice
+    paths = ("auto", "vmap") if body in ("mlp_relu", "lstm_block_input_ln") else ("auto",)
+    for path in paths:
+        _check(FunctionalEngine(path=path), model, batch, lr, CONTINUOUS, ("query", "online"), tol)
+
+
+@pytest.mark.parametrize("learned", ["none", "scalar", "per_parameter"])
+def test_analytic_path_with_learned_rates(learned):
+    model = make_model()
+    batch = make_batch(lengths=PADDED_LENGTHS)
+    lr = make_lr(model, learned)
+    _check(FunctionalEngine(path="analytic"), model, batch, lr, CONTINUOUS, ("query",))
+
+
+@pytest.mark.parametrize("spec", [CLASSES, BITS], ids=["classes", "bits"])
+@pytest.mark.parametrize("body", ["mlp_relu", "lstm_block_input_ln"])
+def test_discrete_tasks_cross_entropy_and_bits(spec, body):
+    """Embeddings (one table per coordinate, batched gather / scatter_add) and the
+    closed-form cross-entropy and binary cross-entropy gradients."""
+    model = make_model(spec, body=BODIES[body][0])
+    batch = make_batch(spec, num_tasks=3, support=5, query=None, lengths=[5, 2, 4])
+    if spec is BITS:  # two coordinates per element (as MNIST's row and column)
+        g = torch.Generator().manual_seed(5)
+        x = torch.stack([torch.randint(0, n, (3, 5), generator=g) for n in BITS.input_sizes], -1)
+        y = torch.randint(0, 2, (3, 5), generator=g).double()
+        batch = TaskBatch(x, y, batch.support_mask)
+    lr = make_lr(model, "scalar")
+    _check(FunctionalEngine(), model, batch, lr, spec, ("online",))
+
+
+def test_closed_form_losses_match_autograd():
+    g = torch.Generator().manual_seed(0)
+    for spec, target in (
+        (TaskSpec("continuous", "real", output_dim=3), torch.randn(4, 5, 3, generator=g)),
+        (CLASSES, torch.randint(0, 5, (4, 5), generator=g)),
+        (BITS, torch.randint(0, 2, (4, 5), generator=g).double()),
+    ):
+        pred = torch.randn(4, 5, spec.head_features, generator=g, dtype=torch.float64)
+        pred.requires_grad_()
+        target = target.double() if target.is_floating_point() else target
+        elements, grad = closed_form_loss(spec.elementwise_loss)(pred, target)
+        expected = spec.elementwise_loss(pred, target)
+        torch.testing.assert_close(elements, expected, rtol=1e-12, atol=1e-14)
+        (auto,) = torch.autograd.grad(expected.sum(), pred)
+        torch.testing.assert_close(grad, auto, rtol=1e-12, atol=1e-14)
+    assert closed_form_loss(lambda p, y: (p - y).abs().mean(-1)) is None
+
+
+def test_unknown_loss_takes_autograd_gradient():
+    """A loss without a closed form still runs the analytic path (its gradient w.r.t.
+    the prediction from autograd)."""
+    model = make_model()
+    batch = make_batch(lengths=PADDED_LENGTHS)
+    lr = make_lr(model)
+
+    def loss(pred, target):
+        return torch.nn.functional.smooth_l1_loss(pred, target, reduction="none").sum(-1)
+
+    spec = type("Spec", (), {"elementwise_loss": staticmethod(loss)})
+    for grad_mode in ("second_order", "first_order"):
+        _, ga = meta_grads(
+            FunctionalEngine(), model, batch, lr, ONLINE_2, "online", grad_mode, spec
+        )
+        _, gb = meta_grads(REFERENCE, model, batch, lr, ONLINE_2, "online", grad_mode, spec)
+        assert_all_close(ga, gb, what=grad_mode)
+
+
+def test_checkpointing_truncation_and_chunks_on_the_analytic_path():
+    model = make_model()
+    batch = make_batch(num_tasks=5, support=7, lengths=[7, 3, 6, 7, 5])
+    lr = make_lr(model, "per_parameter")
+    for options in (
+        {"checkpoint_segments": 3},
+        {"truncate_steps": 2},
+        {"chunk_size": 2},
+        {"checkpoint_segments": "auto", "chunk_size": 3},
+    ):
+        for kind in ("query", "online"):
+            engine = FunctionalEngine(path="analytic", **options)
+            reference = FunctionalEngine(path="vmap_grad", **options)
+            va, ga = meta_grads(engine, model, batch, lr, ONLINE_1, kind, "second_order")
+            vb, gb = meta_grads(reference, model, batch, lr, ONLINE_1, kind, "second_order")
+            torch.testing.assert_close(va, vb, rtol=1e-10, atol=1e-12)
+            assert_all_close(ga, gb, what=f"{options} {kind}")
+
+
+class _Scaled(nn.Module):
+    """A module the batched forward does not know (the ``vmap`` path runs it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(1, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)) * 2.0)
+
+
+def test_auto_picks_vmap_for_unknown_modules_and_forced_paths_are_clear_errors():
+    torch.manual_seed(0)
+    model = _Scaled().double()
+    assert FunctionalEngine().resolve_path(model) == ("vmap", None)
+    batch = make_batch(lengths=PADDED_LENGTHS)
+    lr = make_lr(model)
+    _check(FunctionalEngine(), model, batch, lr, CONTINUOUS, ("query",))
+    with pytest.raises(ValueError, match="path='analytic'.*allowed for it: auto, vmap"):
+        FunctionalEngine(path="analytic").run(
+            model, batch, CONTINUOUS.elementwise_loss, lr, QUERY_SCHEDULE, "none"
+        )
+    lstm = make_model(body=BODIES["lstm_block_input_ln"][0])
+    with pytest.raises(ValueError, match="no hand-written backward.*auto, autograd"):
+        FunctionalEngine(path="analytic").resolve_path(lstm)
+    with pytest.raises(ValueError, match="path='fast'; allowed: auto, analytic"):
+        FunctionalEngine(path="fast")
+
+
+def test_compiled_model_follows_a_swapped_activation():
+    """The compiled form is cached per model; replacing a submodule recompiles it."""
+    model = make_model(body=BODIES["mlp_relu"][0])
+    batch = make_batch()
+    lr = make_lr(model)
+    engine = FunctionalEngine()
+    assert engine.resolve_path(model)[0] == "analytic"
+    model.body.net[1] = nn.Tanh()
+    _check(engine, model, batch, lr, CONTINUOUS, ("query",))
