@@ -14,7 +14,7 @@ ARGS ?=
 TRAIN_JOB ?= experiment=sine_maml
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-full bench lint format clean
+.PHONY: help install train test test-full bench bench-full lint format clean slurm-up slurm-down
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -31,14 +31,25 @@ install: $(STAMP) ## create .venv and install the package (torch pinned, CPU whe
 train: $(STAMP) ## run the main job (the sine MAML study); extra Hydra overrides via ARGS="..."
 	$(PY) -m reptile_gen.train $(TRAIN_JOB) $(ARGS)
 
-test: $(STAMP) ## the CI suite (fast; slow tests excluded)
+test: $(STAMP) slurm-up ## the CI suite (fast; slow tests excluded)
 	$(PY) -m pytest -q $(ARGS)
 
-test-full: $(STAMP) ## every test, slow ones included
+test-full: $(STAMP) slurm-up ## every test, slow ones included
 	$(PY) -m pytest -q -m "" $(ARGS)
 
-bench: $(STAMP) ## throughput and memory benchmarks, JSON in benchmarks/results/
+bench: $(STAMP) ## every benchmark workload, quick mode (~15 min), JSON in benchmarks/results/
 	$(PY) -m benchmarks.run $(ARGS)
+
+bench-full: $(STAMP) ## every benchmark workload in full (more repeats, whole sequences: hours)
+	$(PY) -m benchmarks.run --full $(ARGS)
+
+# The Slurm tests need a cluster: as root this installs slurm-wlm and munge (apt) and starts
+# a one-node cluster on localhost; otherwise it says why and the Slurm tests skip.
+slurm-up: ## start the one-node Slurm cluster of the tests (root; installs slurm-wlm, munge)
+	bash scripts/slurm_cluster.sh start --if-possible
+
+slurm-down: ## stop that cluster
+	bash scripts/slurm_cluster.sh stop
 
 lint: $(STAMP) ## ruff lint and format check
 	$(VENV)/bin/ruff check reptile_gen tests benchmarks

@@ -105,6 +105,7 @@ def time_meta_steps(
     num_batches: int = 8,
     device: str = "cpu",
     seed: int = 0,
+    quick: bool = False,
 ) -> dict:
     """Time full meta-steps (``meta_loss`` forward, backward, outer optimizer step, LR
     scheduler step) as the LightningModule's training loop does them.
@@ -112,11 +113,15 @@ def time_meta_steps(
     After ``warmup`` untimed steps, steps are timed one by one until both ``min_steps``
     and ``min_time_s`` are reached (or ``max_steps``, or ``max_time_s`` seconds of timed
     steps after at least one: the guard of slow workloads). Batches are sampled
-    beforehand and cycled, so data generation is not timed.
+    beforehand and cycled, so data generation is not timed. With ``quick``, a workload's
+    ``quick_batches`` (e.g. a prefix of each sequence) replace its batches.
     """
+    from benchmarks.costs import meta_step_cost
+
     module, datamodule, meta_loss = build(workload, engine, device=device)
     optimizer, scheduler = _optimizer_and_scheduler(module)
-    batches = _batches(workload, datamodule, module, num_batches, seed, device)
+    source = workload.quick_batches if quick and workload.quick_batches is not None else None
+    batches = _batches(workload, datamodule, module, num_batches, seed, device, source)
     tasks_per_step = batches[0].num_tasks
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -172,6 +177,8 @@ def time_meta_steps(
         "final_loss": final_loss,
         "dtype": str(next(module.parameters()).dtype).replace("torch.", ""),
         "device": device,
+        "cost": meta_step_cost(module, batches[0]),
+        "support_length": int(batches[0].support_x.shape[1]),
     }
     if device.startswith("cuda"):
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / (1024 * 1024)

@@ -42,6 +42,13 @@ MODES = {
 }  # fmt: skip
 DEFAULT_TIMEOUT_S = 900.0
 
+#: environment of every timed subprocess (recorded in the JSON). Transparent huge pages
+#: for PyTorch's large CPU allocations: the engines allocate fresh per-task weight
+#: tensors of tens of MB every inner step, and with 4 KiB pages each one page-faults
+#: anew (a 52 MB ``add`` took 145 ms without, 24 ms with it on the 2-core machine).
+#: ``--no-thp`` leaves it unset.
+CHILD_ENV: dict[str, str] = {"THP_MEM_ALLOC_ENABLE": "1"}
+
 
 def available_cpus() -> int:
     """CPUs this process may run on (affinity / cgroup-pinned), at most ``os.cpu_count()``."""
@@ -119,11 +126,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"seconds per subprocess (default {DEFAULT_TIMEOUT_S:.0f}, or the workload's own)",
     )
     p.add_argument("--no-check", action="store_true", help="skip the meta-gradient check")
+    p.add_argument(
+        "--no-thp",
+        action="store_true",
+        help="do not set THP_MEM_ALLOC_ENABLE=1 (huge pages for large tensors) in the "
+        "timed subprocesses",
+    )
     p.add_argument("--out", type=Path, default=None, help="write the JSON here only")
     p.add_argument("--list", action="store_true", help="list the workloads and exit")
     # internal: one entry / one gradient check, in a subprocess
     p.add_argument("--one", nargs=2, metavar=("WORKLOAD", "ENGINE"), help=argparse.SUPPRESS)
     p.add_argument("--check", metavar="WORKLOAD", help=argparse.SUPPRESS)
+    p.add_argument("--rates", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.threads_reason = "--threads"
@@ -204,12 +218,22 @@ def child_one(args: argparse.Namespace) -> None:
         min_time_s=s["min_time_s"],
         max_time_s=s["max_time_s"],
         device=s["device"],
+        quick=s["mode"] == "quick",
     )
     import torch
 
     result["threads"] = torch.get_num_threads()
     result["torch"] = torch.__version__
     args.result.write_text(json.dumps(result))
+
+
+def child_rates(args: argparse.Namespace) -> None:
+    """``--rates``: the machine's matmul and copy rates with this run's threads."""
+    s = settings(args)
+    _child_setup(s["threads"])
+    from benchmarks.costs import machine_rates
+
+    args.result.write_text(json.dumps(machine_rates()))
 
 
 def child_check(args: argparse.Namespace) -> None:
@@ -268,7 +292,7 @@ def run_child(cli: list[str], timeout: float) -> tuple[dict | None, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         result_path = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "benchmarks.run", *cli, "--result", str(result_path)]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline", **CHILD_ENV)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         t0 = time.perf_counter()
         try:
@@ -310,6 +334,7 @@ def _entry_base(workload, engine: str) -> dict:
         "description": workload.description,
         "overrides": workload.overrides_for(engine),
         "batches": getattr(workload.batches, "__name__", str(workload.batches)),
+        "bound": workload.bound,
     }
 
 
@@ -325,9 +350,15 @@ def aggregate(
     errors: list[dict],
     wall: float,
     budget: dict | None = None,
+    mode: str = "quick",
+    rates: dict | None = None,
 ) -> dict:
-    """One result entry from the repeats of ``engine`` on ``workload`` (step times pooled)."""
+    """One result entry from the repeats of ``engine`` on ``workload`` (step times pooled),
+    with the achieved FLOP and byte rates and their fractions of ``rates``."""
     entry = _entry_base(workload, engine)
+    if mode == "quick" and workload.quick_batches is not None:
+        entry["batches"] = getattr(workload.quick_batches, "__name__", "quick_batches")
+        entry["quick_note"] = workload.quick_note
     entry["wall_s"] = round(wall, 2)
     if budget is not None:
         entry["budget"] = budget
@@ -361,7 +392,13 @@ def aggregate(
         num_params=first["num_params"],
         dtype=first["dtype"],
         final_loss=first["final_loss"],
+        support_length=first.get("support_length"),
     )
+    if "cost" in first:
+        from benchmarks.costs import fractions
+
+        entry["cost"] = first["cost"]
+        entry.update(fractions(first["cost"], median, rates))
     if "peak_cuda_mb" in first:
         entry["peak_cuda_mb"] = max(r["peak_cuda_mb"] for r in runs)
     if errors:
@@ -483,19 +520,37 @@ def _num(value: float) -> str:
     return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
 
 
+def _bound_percent(entry: dict) -> str:
+    """The achieved fraction of the machine rate that bounds the workload, in percent
+    (``F`` FLOPs, ``B`` bytes)."""
+    key = "flops_fraction" if entry.get("bound") == "flops" else "bytes_fraction"
+    if key not in entry:
+        return ""
+    return f"{100 * entry[key]:.3g}% {'F' if key == 'flops_fraction' else 'B'}"
+
+
+def format_machine_rates(rates: dict | None) -> str:
+    if not rates:
+        return "machine rates: not measured"
+    return (
+        f"machine: {rates['matmul_gflops']:.1f} GFLOP/s float32 matmul, "
+        f"{rates['copy_gbs']:.1f} GB/s copy, {rates['threads']} thread(s) ({rates['how']})"
+    )
+
+
 def format_table(report: dict) -> str:
     header = (
         "workload", "engine", "median s", "p10-p90 s", "tasks/s",
-        "steps", "peak RSS MB", "dRSS MB", "x ref",
+        "steps", "peak RSS MB", "dRSS MB", "x ref", "GFLOP/s", "GB/s", "% bound",
     )  # fmt: skip
     rows, notes = [header], []
     for e in report["results"]:
         if e["status"] == "failed":
-            rows.append((e["workload"], e["engine"], "FAILED", *[""] * 6))
+            rows.append((e["workload"], e["engine"], "FAILED", *[""] * 9))
             notes.append(f"{e['workload']} / {e['engine']}: FAILED: {e['error']}")
             continue
         if e["status"] == "skipped":
-            rows.append((e["workload"], e["engine"], "skipped", *[""] * 6))
+            rows.append((e["workload"], e["engine"], "skipped", *[""] * 9))
             notes.append(f"{e['workload']} / {e['engine']}: skipped: {e['reason']}")
             continue
         reference = report["references"].get(e["workload"])
@@ -513,6 +568,9 @@ def format_table(report: dict) -> str:
                 f"{e['peak_rss_mb']:.0f}",
                 f"{e['rss_delta_mb']:.1f}",
                 "" if ratio is None else f"{ratio:.2f}",
+                _num(e["achieved_gflops"]) if "achieved_gflops" in e else "",
+                _num(e["achieved_gbs"]) if "achieved_gbs" in e else "",
+                _bound_percent(e),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -523,7 +581,10 @@ def format_table(report: dict) -> str:
         for r in rows
     ]
     lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines + notes)
+    for e in report["results"]:
+        if e.get("quick_note"):
+            notes.append(f"{e['workload']} / {e['engine']}: {e['quick_note']}")
+    return "\n".join(lines + list(dict.fromkeys(notes)))
 
 
 def main(argv=None) -> int:
@@ -533,6 +594,9 @@ def main(argv=None) -> int:
         return 0
     if args.check:
         child_check(args)
+        return 0
+    if args.rates:
+        child_rates(args)
         return 0
 
     from benchmarks.workloads import WORKLOADS, get
@@ -545,6 +609,8 @@ def main(argv=None) -> int:
         return 0
 
     s = settings(args)
+    if args.no_thp:
+        CHILD_ENV.pop("THP_MEM_ALLOC_ENABLE", None)
     workloads = {name: get(name) for name in args.workloads.split(",") if name.strip()}
     plan = [(w, e) for w in workloads.values() for e in selected_engines(w, args.engines)]
     if not plan:
@@ -564,6 +630,11 @@ def main(argv=None) -> int:
     )
     for (name, engine), reason in skipped.items():
         print(f"  {name} / {engine}: skipped: {reason}", flush=True)
+
+    rates, info = run_child(["--rates", *_passthrough(args)], 300)
+    if rates is None:
+        print(f"  machine rates FAILED: {info['error']}", flush=True)
+    print("  " + format_machine_rates(rates), flush=True)
 
     checks, check_failed = {}, False
     to_check = []
@@ -630,7 +701,9 @@ def main(argv=None) -> int:
             entries.append(skipped_entry(w, engine, skipped[(w.name, engine)]))
             continue
         runs, errors, wall = collected[(w.name, engine)]
-        entries.append(aggregate(w, engine, runs, errors, wall[0], budgets[w.name]))
+        entries.append(
+            aggregate(w, engine, runs, errors, wall[0], budgets[w.name], s["mode"], rates)
+        )
 
     time_ratios, memory_ratios = ratios(entries, workloads)
     report = {
@@ -639,6 +712,8 @@ def main(argv=None) -> int:
         "duration_s": round((dt.datetime.now() - started).total_seconds(), 1),
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.run", *sys.argv[1:]]),
         "machine": machine_info(s["threads"], s["device"]),
+        "machine_rates": rates,
+        "child_env": dict(CHILD_ENV),
         # 1/5/15-minute load averages: above available_cpus, other processes competed
         # for the cores and the timings are noisy
         "load_average": {"start": load_start, "end": load_average()},
@@ -657,6 +732,15 @@ def main(argv=None) -> int:
             "time, peak RSS and RSS delta of each and their ratios",
             "status": "ok | partial (some repeats failed) | failed | skipped (not run: "
             "reason says why)",
+            "machine_rates": "float32 2048^2 matmul GFLOP/s and 256 MiB copy GB/s (read + "
+            "write bytes), median of 5, with this run's threads (benchmarks/costs.py)",
+            "cost": "analytic FLOPs and bytes of one meta-step: flops = B*(S*n*c*F + "
+            "q*Q*F), bytes = B*S*P*w*m (terms and their meaning in benchmarks/costs.py)",
+            "achieved_gflops / achieved_gbs": "cost / median_s_per_step",
+            "flops_fraction / bytes_fraction": "achieved rate / machine rate; bound says "
+            "which one limits the workload (the table's % bound column)",
+            "quick_note": "what quick mode ran instead of the full workload (a prefix of "
+            "each sequence), if anything",
         },
         "references": {name: w.reference for name, w in workloads.items()},
         "grad_checks": checks,
@@ -678,6 +762,7 @@ def main(argv=None) -> int:
         written = [path, RESULTS_DIR / "latest.json"]
 
     print()
+    print(format_machine_rates(rates))
     print(format_table(report))
     for name, r in time_ratios.items():
         pretty = ", ".join(f"{k} = {v:.2f}x" for k, v in r.items())

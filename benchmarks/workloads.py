@@ -25,7 +25,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from benchmarks.baselines import plain_loop_maml_meta_loss
+from benchmarks.baselines import (
+    functional_vmap_grad_meta_loss,
+    plain_loop_maml_meta_loss,
+    vmap_reference_maml_meta_loss,
+)
 from reptile_gen.data.task_batch import TaskBatch
 
 __all__ = [
@@ -119,6 +123,11 @@ class Workload:
             e.g. its cost per meta-step); without it, it is recorded as skipped.
         compare_with: another workload whose reference entry this one's is compared
             with (time and memory ratios in ``comparisons``), e.g. checkpointed vs full.
+        quick_batches: the batch source in quick mode (default: ``batches``), e.g. a
+            prefix of each sequence so a long workload fits the quick suite's time.
+        quick_note: what quick mode runs instead (recorded in the JSON entry).
+        bound: what limits the workload, ``flops`` or ``bytes`` (the table's fraction
+            of the machine's matmul or copy rate, see :mod:`benchmarks.costs`).
     """
 
     name: str
@@ -138,6 +147,9 @@ class Workload:
     skip: dict[str, str] = field(default_factory=dict)
     full_only: str | None = None
     compare_with: str | None = None
+    quick_batches: Callable[..., list[TaskBatch]] | None = None
+    quick_note: str | None = None
+    bound: str = "bytes"
 
     @property
     def all_engines(self) -> tuple[str, ...]:
@@ -203,7 +215,12 @@ for _steps in (1, 5):
                 "task.num_support=10",
                 "task.num_query=100",
             ),
-            baselines={"plain_loop": plain_loop_maml_meta_loss},
+            baselines={
+                "plain_loop": plain_loop_maml_meta_loss,
+                "vmap_reference": vmap_reference_maml_meta_loss,
+                "functional_vmap_grad": functional_vmap_grad_meta_loss,
+            },
+            bound="flops",
         )
     )
 
@@ -276,7 +293,10 @@ register(
             "full": dict(SEQUENCE_BUDGET["full"], warmup=0, min_steps=2, min_time_s=0.0),
         },
         timeout_s=3600.0,
-        full_only="about 7 min per meta-step on one core (50 tasks x 784 inner steps)",
+        # the whole 784-pixel step takes minutes per engine: quick mode times a prefix
+        quick_batches=prefix_batches(64),
+        quick_note="quick mode: the first 64 of 784 pixels of each image (64 inner "
+        "steps instead of 784); --full runs whole images",
         **TINY_CHECK,
     )
 )
@@ -289,6 +309,9 @@ register(
         engines=("functional", "higher"),
         budget=SEQUENCE_BUDGET,
         timeout_s=2400.0,
+        quick_batches=prefix_batches(196),
+        quick_note="quick mode: the first 196 of 784 pixels of each image (196 inner "
+        "steps in ceil(sqrt(196)) = 14 checkpointed segments); --full runs whole images",
         skip={
             "higher": "no checkpointing in the higher engine, and its full 784-step "
             "unroll of 8 tasks needs ~50 GB (1 GB per task per 128 steps measured) "
