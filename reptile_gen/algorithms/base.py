@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable
 from functools import partial
 
@@ -18,6 +19,13 @@ from reptile_gen.inner_loop import InnerLoopEngine, InnerLR, InnerSchedule, make
 from reptile_gen.utils.stats import mean_and_ci95
 
 __all__ = ["MetaLearner"]
+
+# The validation and test metrics are computed on every rank from the gathered per-task
+# results (MetaLearner._gather_eval_results), so they are already global and need no
+# sync_dist; Lightning's advice to sync epoch-level metrics does not apply to them.
+warnings.filterwarnings(
+    "ignore", message=r"It is recommended to use `self.log\('(val|test)/.*sync_dist=True"
+)
 
 
 class MetaLearner(pl.LightningModule):
@@ -188,9 +196,10 @@ class MetaLearner(pl.LightningModule):
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> torch.Tensor:
         loss, logs = self.meta_loss(batch)
-        self.log("train/meta_loss", loss, prog_bar=True, batch_size=batch.num_tasks)
+        # under DDP the logged training losses are the mean over ranks (no-op otherwise)
+        self.log("train/meta_loss", loss, prog_bar=True, batch_size=batch.num_tasks, sync_dist=True)
         for key, value in logs.items():
-            self.log(f"train/{key}", value, batch_size=batch.num_tasks)
+            self.log(f"train/{key}", value, batch_size=batch.num_tasks, sync_dist=True)
         if self.inner_lr.learned == "scalar":
             self.log("train/inner_lr", self.inner_lr.scalar.detach())
         return loss
@@ -261,15 +270,49 @@ class MetaLearner(pl.LightningModule):
 
     def _log_eval(self, prefix: str, final_only: bool = False) -> None:
         outputs = self._eval_outputs.pop(prefix, [])
-        if not outputs:
+        distributed = self._trainer is not None and self.trainer.world_size > 1
+        if not outputs and not distributed:
             return
-        results = self.all_gather(torch.cat(outputs)).reshape(-1, outputs[0].shape[1])
+        # every rank takes part in the gather, also one whose share was empty
+        results = self._gather_eval_results(outputs)
+        if results.shape[0] == 0:
+            return
         self.eval_curves = getattr(self, "eval_curves", {})
         self.eval_curves[prefix] = results.cpu()
         if self.is_sequence_model:
             self._log_sequence_metrics(prefix, results)
         else:
             self._log_curve_metrics(prefix, results, final_only)
+
+    def _eval_width(self) -> int:
+        """Columns of :meth:`evaluate_batch`'s result."""
+        return 2 if self.is_sequence_model else self.eval_schedule.num_steps + 1
+
+    def _gather_eval_results(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """This rank's per-task results, ``[n, k]``, or under DDP those of all ranks in
+        rank order: with the held-out sets split into contiguous shares (see
+        :class:`~reptile_gen.data.base.HeldOutShard`) that is the single-process order,
+        so every metric equals the single-process one on the same tasks.
+
+        Shares may differ in size (or be empty): the counts are gathered first and each
+        share is padded to the largest before the gather, and the padding is dropped.
+        """
+        width = outputs[0].shape[1] if outputs else self._eval_width()
+        local = (
+            torch.cat(outputs)
+            if outputs
+            else torch.zeros(0, width, dtype=self.dtype, device=self.device)
+        )
+        if self._trainer is None or self.trainer.world_size == 1:
+            return local
+        counts = self.all_gather(torch.tensor(local.shape[0], device=local.device))
+        counts = [int(c) for c in counts.reshape(-1).tolist()]
+        if max(counts) == 0:
+            return local
+        padded = local.new_zeros(max(counts), width)
+        padded[: local.shape[0]] = local
+        gathered = self.all_gather(padded).reshape(len(counts), max(counts), width)
+        return torch.cat([gathered[rank, :count] for rank, count in enumerate(counts)])
 
     def _log_curve_metrics(self, prefix: str, losses: torch.Tensor, final_only: bool) -> None:
         """``{prefix}/mse_step_k`` (and ``_ci95``) for k adaptation steps."""

@@ -1,16 +1,17 @@
 """What every task DataModule shares: an endless seeded training stream sharded across
-ranks, and fixed held-out validation and test sets."""
+ranks, and fixed held-out validation and test sets split across ranks."""
 
 from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 
-from reptile_gen.data.streams import TaskStream
+from reptile_gen.data.streams import TaskStream, shard_range
 from reptile_gen.data.task_batch import TaskBatch
 
-__all__ = ["TaskDataModule", "check_count"]
+__all__ = ["TaskDataModule", "HeldOutShard", "check_count"]
 
 
 class TaskDataModule(pl.LightningDataModule):
@@ -23,6 +24,10 @@ class TaskDataModule(pl.LightningDataModule):
     The training stream yields meta-batch ``i`` from a generator seeded by
     ``(seed, i, rank)``: it starts at the trainer's global step, so a resumed run draws
     the tasks it would have drawn, and ranks draw disjoint batches.
+
+    Under DDP the held-out sets are split by batches into contiguous shares, one per
+    rank (:class:`HeldOutShard`): each task is scored exactly once, and the algorithm
+    gathers the per-task results so every rank computes the metrics on the whole set.
     """
 
     spec = None
@@ -43,14 +48,44 @@ class TaskDataModule(pl.LightningDataModule):
         return DataLoader(stream, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=None)
+        return self._held_out_loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=None)
+        return self._held_out_loader(self.test_set)
+
+    def _held_out_loader(self, batches: Dataset) -> DataLoader:
+        trainer = self.trainer
+        world_size = trainer.world_size if trainer else 1
+        if world_size == 1:
+            return DataLoader(batches, batch_size=None)
+        sampler = HeldOutShard(batches, trainer.global_rank, world_size)
+        return DataLoader(batches, batch_size=None, sampler=sampler)
 
     def metrics_extra(self) -> dict:
         """Provenance recorded in ``metrics.json`` (e.g. a corpus hash)."""
         return {}
+
+
+class HeldOutShard(DistributedSampler):
+    """Rank ``rank``'s contiguous share of a held-out set's batches (see
+    :func:`~reptile_gen.data.streams.shard_range`).
+
+    Lightning's own ``DistributedSampler`` pads the shares to equal length by repeating
+    batches, which would count those tasks twice in the test metrics; a sampler that is
+    a ``DistributedSampler`` is left in place by Lightning. A rank may get fewer batches
+    (or none): evaluation runs no collective per batch, and the gather at the end of the
+    epoch handles unequal shares.
+    """
+
+    def __init__(self, dataset: Dataset, rank: int, world_size: int) -> None:
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        self.indices = shard_range(len(dataset), rank, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 def check_count(name: str, value, minimum: int = 1) -> int:

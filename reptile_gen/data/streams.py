@@ -10,15 +10,31 @@ from torch.utils.data import Dataset, IterableDataset
 
 from reptile_gen.data.task_batch import TaskBatch
 
-__all__ = ["TaskStream", "FixedTaskBatches", "step_generator"]
+__all__ = ["TaskStream", "FixedTaskBatches", "step_generator", "shard_range"]
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads nearby seeds far apart
 
 
 def step_generator(seed: int, step: int, rank: int = 0, world_size: int = 1) -> torch.Generator:
-    """The random generator of one meta-step's tasks on one rank."""
+    """The random generator of one meta-step's tasks on one rank.
+
+    Meta-batch ``step * world_size + rank`` of the seed: ranks of one step, and steps,
+    never share an index, and steps ``0..N-1`` of ``world_size`` ranks use exactly
+    indices ``0..N*world_size-1``.
+    """
     index = step * world_size + rank
     return torch.Generator().manual_seed((seed * _MIX + index * 0x2545F491) % (2**63 - 1))
+
+
+def shard_range(num_items: int, rank: int, world_size: int) -> range:
+    """Rank ``rank``'s contiguous share of ``num_items`` (the first ``num_items %
+    world_size`` ranks get one more): the shares cover every item once, with no
+    padding, and concatenated in rank order they are ``range(num_items)``."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+    base, extra = divmod(num_items, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
 
 
 class TaskStream(IterableDataset):

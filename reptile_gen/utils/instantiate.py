@@ -11,6 +11,7 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 
 from reptile_gen.utils.wandb_logging import instantiate_wandb_logger, is_wandb
 
@@ -80,7 +81,10 @@ def build_trainer(cfg: DictConfig, checkpointing: bool = True) -> tuple[pl.Train
 
 
 def write_metrics(metrics: dict, path: str | Path, extra: dict | None = None) -> dict:
-    """Write one flat JSON object of the ``test/`` metrics (plus ``extra``) to ``path``."""
+    """Write one flat JSON object of the ``test/`` metrics (plus ``extra``) to ``path``;
+    returns it. Only rank zero writes: under DDP with ``start_method: popen``
+    (``trainer=ddp``) every rank runs the whole script, and their metrics are the same
+    (gathered) ones."""
     flat = {}
     for key, value in metrics.items():
         if not key.startswith("test/"):
@@ -88,6 +92,8 @@ def write_metrics(metrics: dict, path: str | Path, extra: dict | None = None) ->
         value = value.item() if torch.is_tensor(value) else float(value)
         flat[key] = None if math.isnan(value) else value
     flat.update(extra or {})
+    if rank_zero_only.rank != 0:
+        return flat
     path = Path(path)
     path.write_text(json.dumps(dict(sorted(flat.items())), indent=2) + "\n")
     log.info("wrote %s", path)
