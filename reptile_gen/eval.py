@@ -32,9 +32,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 # are checked, so a wrong command line fails fast
 from reptile_gen import CONF_DIR
 from reptile_gen.utils.runtime import (
+    CheckpointError,
     ConfigError,
+    check_checkpoint_matches,
     check_config,
     finish_loggers,
+    load_checkpoint,
     optimized_value,
     resolve_ckpt_path,
 )
@@ -52,10 +55,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 USAGE = "python -m reptile_gen.eval ckpt_path=<run dir>/checkpoints/last.ckpt [overrides]"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be evaluated: unreadable, or not of the configured model."""
 
 
 # ---------------------------------------------------------------------- locating inputs
@@ -80,27 +79,6 @@ def find_run_config(ckpt_path: str | Path, run_config: str | Path | None = None)
             "of the run that wrote the checkpoint with run_config=<path to its config.yaml>"
         )
     return path
-
-
-def load_checkpoint(ckpt_path: str | Path) -> dict:
-    """Read a Lightning checkpoint on the CPU; a clear error when it cannot be read."""
-    import torch
-
-    try:
-        checkpoint = torch.load(str(ckpt_path), map_location="cpu", weights_only=False)
-    except Exception as err:
-        reason = (str(err).strip().splitlines() or [""])[0]
-        raise CheckpointError(
-            f"ckpt_path={str(ckpt_path)!r}: cannot read the checkpoint "
-            f"({type(err).__name__}: {reason}); the file is corrupt, truncated or not a "
-            "PyTorch Lightning .ckpt"
-        ) from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CheckpointError(
-            f"ckpt_path={str(ckpt_path)!r} is not a PyTorch Lightning checkpoint (it has no "
-            "'state_dict'); give a .ckpt written by a run (<run dir>/checkpoints/*.ckpt)"
-        )
-    return checkpoint
 
 
 # ---------------------------------------------------------------------- overrides
@@ -225,69 +203,6 @@ def apply_overrides(
             continue  # e.g. a key only the eval app has
         OmegaConf.update(out, path, value, merge=False, force_add=True)
     return out
-
-
-# ---------------------------------------------------------------------- checkpoint check
-def _shape(t) -> list[int]:
-    return list(t.shape) if hasattr(t, "shape") else []
-
-
-def _summary(state: dict, limit: int = 4) -> str:
-    items = [f"{k} {_shape(v)}" for k, v in list(state.items())[:limit]]
-    more = f", ... ({len(state)} tensors)" if len(state) > limit else ""
-    return ", ".join(items) + more
-
-
-def check_checkpoint_matches(checkpoint: dict, module, ckpt_path, run_config) -> None:
-    """Compare the checkpoint's tensors (names and shapes) with those of the ``module``
-    built from the config; on mismatch a clear error naming both sides (a checkpoint from
-    another task, model or algorithm). Differing ``hyper_parameters`` alone are fine
-    (overrides such as ``algorithm.eval_inner_steps`` change them on purpose)."""
-    theirs = checkpoint["state_dict"]
-    ours = module.state_dict()
-    missing = [k for k in ours if k not in theirs]
-    unexpected = [k for k in theirs if k not in ours]
-    shapes = [
-        f"{k} {_shape(theirs[k])} in the checkpoint vs {_shape(ours[k])}"
-        for k in ours
-        if k in theirs and _shape(theirs[k]) != _shape(ours[k])
-    ]
-    hparams = dict(checkpoint.get("hyper_parameters") or {})
-    own_hparams = dict(getattr(module, "hparams", {}) or {})
-    differing = {
-        k: (hparams[k], own_hparams[k])
-        for k in hparams
-        if k in own_hparams and str(hparams[k]) != str(own_hparams[k])
-    }
-    if not (missing or unexpected or shapes):
-        if differing:
-            log.info("hyper-parameters changed by the overrides: %s", differing)
-        return
-    spec = getattr(module, "task_spec", None)
-    built = (
-        f"task={getattr(spec, 'name', '?')}, model={type(module.model.body).__name__}, "
-        f"algorithm={type(module).__name__}"
-    )
-    lines = [
-        f"ckpt_path={str(ckpt_path)!r} does not fit the model that the config "
-        f"{str(run_config)!r} (with the overrides) builds: is it a checkpoint of another "
-        "task, model or algorithm?",
-        f"  the checkpoint: {_summary(theirs)}; its hyper_parameters: {hparams}",
-        f"  this config: {built}: {_summary(ours)}",
-    ]
-    if missing:
-        lines.append(f"  missing from the checkpoint: {missing[:8]}")
-    if unexpected:
-        lines.append(f"  in the checkpoint but not in this model: {unexpected[:8]}")
-    if shapes:
-        lines.append(f"  different shapes: {shapes[:8]}")
-    if differing:
-        lines.append(f"  hyper_parameters (checkpoint, this config): {differing}")
-    lines.append(
-        "  evaluate a checkpoint with the config of the run that wrote it (its "
-        "<run dir>/.hydra/config.yaml, or run_config=<that file>) and no model/task overrides"
-    )
-    raise CheckpointError("\n".join(lines))
 
 
 # ---------------------------------------------------------------------- evaluation

@@ -20,10 +20,14 @@ from omegaconf import DictConfig
 from reptile_gen import CONF_DIR
 from reptile_gen.utils.instantiate import build_run, build_trainer, write_metrics
 from reptile_gen.utils.runtime import (
+    check_checkpoint_matches,
     check_config,
+    check_resumable,
     finish_loggers,
+    load_checkpoint,
     optimized_value,
     resolve_ckpt_path,
+    restore_hydra_files_on_error,
 )
 from reptile_gen.utils.wandb_logging import log_report
 
@@ -89,17 +93,48 @@ def print_summary(metrics: dict, out_dir: Path) -> None:
     print(f"run dir: {out_dir}")
 
 
+def setup_run(cfg: DictConfig, out_dir: Path):
+    """``(checkpoint to start from or None, datamodule, module)``, with the checkpoint
+    checked against the module before anything is trained or written.
+
+    ``ckpt_path`` is a file, ``last`` (this run dir's ``checkpoints/last.ckpt``) or null,
+    where a run dir that already holds a last checkpoint resumes from it unless
+    ``auto_resume=false`` (see :func:`~reptile_gen.utils.runtime.resolve_ckpt_path`). A
+    corrupt, truncated or mismatched checkpoint is a clear error naming the file; the
+    caller's run dir is left as it was.
+    """
+    fitting = bool(cfg.get("train", True))
+    ckpt_path = resolve_ckpt_path(
+        cfg.get("ckpt_path"), out_dir, auto_resume=fitting and bool(cfg.get("auto_resume", True))
+    )
+    datamodule, module = build_run(cfg)
+    if ckpt_path is not None:
+        checkpoint = load_checkpoint(ckpt_path)
+        source = f"of this run ({out_dir / '.hydra' / 'config.yaml'})"
+        if fitting:
+            check_resumable(checkpoint, module, ckpt_path, source)
+            log.info(
+                "resuming from %s (meta-step %s)", ckpt_path, checkpoint.get("global_step", "?")
+            )
+        else:
+            check_checkpoint_matches(checkpoint, module, ckpt_path, source)
+        del checkpoint
+    return ckpt_path, datamodule, module
+
+
 def train(cfg: DictConfig) -> dict:
     """Fit and test one run described by ``cfg``; returns its test metrics."""
-    check_config(cfg)
     out_dir = Path(cfg.paths.output_dir)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
-    datamodule, module = build_run(cfg)
+    with restore_hydra_files_on_error(out_dir):
+        check_config(cfg)
+        ckpt_path, datamodule, module = setup_run(cfg, out_dir)
     trainer, loggers = build_trainer(cfg)
     try:
         started = time.perf_counter()
         if cfg.get("train", True):
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            # weights_only=False: a run's checkpoint holds its config objects (a .ckpt is
+            # a pickle: resume only trusted ones), which torch's default loader refuses
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
         fit_seconds = time.perf_counter() - started
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.get("test", True):

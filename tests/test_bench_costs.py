@@ -1,0 +1,50 @@
+"""The benchmark's analytic cost model (benchmarks/costs.py) on the real configs, by hand:
+sine MAML's FLOPs and a Reptile sequence workload's bytes. Speed itself is never
+asserted in tests."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.costs import fractions, meta_step_cost  # noqa: E402
+from benchmarks.harness import _batches, build  # noqa: E402
+from benchmarks.workloads import get  # noqa: E402
+
+
+def test_sine_maml_flops_by_hand():
+    steps = 5
+    workload = get(f"sine_maml_{steps}step")
+    module, datamodule, _ = build(workload, "functional")
+    batch = _batches(workload, datamodule, module, 1, 0, "cpu")[0]
+    cost = meta_step_cost(module, batch)
+    forward = 2 * (1 * 40 + 40 * 40 + 40 * 1)  # matmul FLOPs per point, MLP 1-40-40-1
+    # 25 tasks x (steps x 10 support points x 9F (second order) + 100 query points x 3F)
+    assert cost["flops"] == 25 * (steps * 10 * 9 * forward + 100 * 3 * forward)
+    params = 40 + 40 + 40 * 40 + 40 + 40 + 1
+    assert cost["bytes"] == 25 * steps * params * 4 * 4
+    rates = {"matmul_gflops": 50.0, "copy_gbs": 10.0}
+    f = fractions(cost, 0.01, rates)
+    assert f["flops_fraction"] == pytest.approx(cost["flops"] / 0.01 / 1e9 / 50.0)
+
+
+def test_reptile_sequence_bytes_by_hand():
+    """Reptile (no outer graph) on text, shrunk: one element per step, m = 2."""
+    workload = get("text_reptile")
+    module, datamodule, _ = build(
+        workload,
+        "functional",
+        extra=["model.body.hidden_sizes=[8]", "model.embedding_dim=4", "task.max_len=6"],
+    )
+    batch = _batches(workload, datamodule, module, 1, 0, "cpu")[0]
+    cost = meta_step_cost(module, batch)
+    terms = cost["terms"]
+    params = sum(p.numel() for p in module.model.parameters())
+    assert (terms["n"], terms["c"], terms["q"], terms["m"]) == (1, 3, 0, 2)
+    assert terms["S"] == batch.support_x.shape[1]
+    assert cost["bytes"] == batch.num_tasks * terms["S"] * params * 4 * 2
+    assert cost["flops"] == batch.num_tasks * terms["S"] * 3 * terms["F"]

@@ -1,0 +1,289 @@
+"""Resume: a training run killed with SIGKILL after a checkpoint and started again with
+the same command (into the same run dir) ends with the parameters and test metrics of an
+uninterrupted run; ``ckpt_path=last`` and ``auto_resume``; a corrupt or mismatched
+checkpoint is a clear error that leaves the run dir as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+
+from reptile_gen.train import train
+from reptile_gen.utils.runtime import (
+    CheckpointError,
+    ConfigError,
+    check_resumable,
+    load_checkpoint,
+    resolve_ckpt_path,
+)
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+#: a small sine run: 50 meta-steps, validated (and last.ckpt written) every 10
+RUN = [
+    "trainer.max_steps=50",
+    "trainer.val_check_interval=10",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "task.num_val_tasks=4",
+    "task.num_test_tasks=8",
+    "task.eval_batch_size=4",
+    "task.meta_batch_size=4",
+    "algorithm.eval_inner_steps=3",
+    "logger=csv",
+    # score the final weights, so the test metrics check the end of training too
+    "test_best=false",
+    "seed=7",
+]
+#: slow after meta-step 35 (tests/slow_steps.py), so the run can be killed there: past the
+#: checkpoint of step 30, with steps 31..35 done and lost
+SLOW_AFTER = 35
+
+
+def slow(marker: Path) -> list[str]:
+    return [
+        "+callbacks.slow._target_=slow_steps.SlowSteps",
+        f"+callbacks.slow.after_step={SLOW_AFTER}",
+        "+callbacks.slow.seconds=0.5",
+        f"+callbacks.slow.marker={marker}",
+    ]
+
+
+def train_cmd(run_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "reptile_gen.train", *RUN, *overrides, f"hydra.run.dir={run_dir}"]
+
+
+def cli_env() -> dict:
+    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH")]))
+    env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            cmd, cwd=REPO_ROOT, env=cli_env(), stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        cmd, cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    assert proc.wait(timeout=timeout) == 0, log.read_text()[-3000:]
+
+
+def global_step(ckpt: Path) -> int:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+
+
+def dir_digest(run_dir: Path) -> dict[str, str]:
+    """sha256 of every file of a run dir except train.log (a failed start appends its
+    error there, which is where it belongs)."""
+    return {
+        str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and p.name != "train.log"
+    }
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """``(uninterrupted run dir, resumed run dir, output of the resumed start)``: the same
+    command twice, the second killed after its step-30 checkpoint and started again."""
+    root = tmp_path_factory.mktemp("resume")
+    full, killed, marker = root / "full", root / "killed", root / "marker"
+    # the uninterrupted run goes on alongside the killed one
+    reference = start(train_cmd(full), root / "full.log")
+    victim = start(train_cmd(killed, *slow(marker)), root / "killed.log")
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        assert victim.poll() is None, (root / "killed.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "the run never reached meta-step 35"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    last = killed / "checkpoints" / "last.ckpt"
+    # killed past the checkpoint of step 30 (validation interval 10) and before step 40
+    assert global_step(last) == 30
+    assert not (killed / "metrics.json").exists()
+    resumed = run(train_cmd(killed, *slow(marker)))  # the same command again
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    finish(reference, root / "full.log")
+    return full, killed, resumed.stdout + resumed.stderr
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(killed_and_resumed):
+    full, killed, output = killed_and_resumed
+    assert "the run dir already holds a last checkpoint" in output
+    assert f"resuming from {killed / 'checkpoints' / 'last.ckpt'} (meta-step 30)" in output
+    ours = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    theirs = torch.load(full / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ours["global_step"] == theirs["global_step"] == 50
+    assert ours["state_dict"].keys() == theirs["state_dict"].keys()
+    for name, value in theirs["state_dict"].items():
+        assert torch.equal(ours["state_dict"][name], value), name
+    # the optimizer state too: the run would go on identically
+    for a, b in zip(
+        ours["optimizer_states"][0]["state"].values(),
+        theirs["optimizer_states"][0]["state"].values(),
+    ):
+        for key in a:
+            assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
+    metrics = json.loads((killed / "metrics.json").read_text())
+    expected = json.loads((full / "metrics.json").read_text())
+    metrics.pop("fit_seconds"), expected.pop("fit_seconds")
+    assert "test/mse_step_3" in metrics
+    assert metrics == expected
+
+
+def test_resumed_run_keeps_the_validation_history(killed_and_resumed):
+    """The best-checkpoint callback's state comes back with last.ckpt: the resumed run
+    picks the same best checkpoint as the uninterrupted one, and validates at the steps
+    after the checkpoint (40, 50) without repeating step 30's validation."""
+    full, killed, _ = killed_and_resumed
+
+    def best(run_dir):
+        ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+        state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint"))
+        return Path(state["best_model_path"]).name, float(state["best_model_score"])
+
+    assert best(killed) == best(full)
+    rows = (killed / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    val_steps = [
+        int(r.split(",")[header.index("step")])
+        for r in rows[1:]
+        if r.split(",")[header.index("val/loss")]
+    ]
+    # (logs before the SIGKILL were still buffered by the CSV logger and died with it)
+    assert val_steps == [39, 49]
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_the_run_dir_is_untouched(
+    killed_and_resumed, tmp_path
+):
+    """``ckpt_path=<truncated file>`` into the existing run dir: the error names the file,
+    and the run's checkpoints, metrics, logs and .hydra files are as they were."""
+    _, killed, _ = killed_and_resumed
+    truncated = tmp_path / "truncated.ckpt"
+    data = (killed / "checkpoints" / "last.ckpt").read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    before = dir_digest(killed)
+    proc = run(train_cmd(killed, f"ckpt_path={truncated}"), timeout=120)
+    assert proc.returncode != 0
+    assert f"ckpt_path='{truncated}': cannot read the checkpoint" in proc.stderr
+    assert "corrupt, truncated" in proc.stderr
+    assert dir_digest(killed) == before
+
+
+def test_auto_resume_from_a_mismatched_checkpoint_fails_clearly(
+    killed_and_resumed, make_cfg, tmp_path
+):
+    """A run dir whose last.ckpt is of another model (a real run with a wider network):
+    auto-resume refuses it, naming the file, and changes nothing in the dir."""
+    _, killed, _ = killed_and_resumed
+    other = make_cfg(["model.body.hidden_sizes=[8]", "seed=7"], name="other")
+    train(other)
+    run_dir = tmp_path / "copy"
+    run_dir.mkdir()
+    for path in killed.rglob("*"):
+        if path.is_file():
+            (run_dir / path.relative_to(killed)).parent.mkdir(parents=True, exist_ok=True)
+            (run_dir / path.relative_to(killed)).write_bytes(path.read_bytes())
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.write_bytes((Path(other.paths.output_dir) / "checkpoints" / "last.ckpt").read_bytes())
+    before = dir_digest(run_dir)
+    proc = run(train_cmd(run_dir), timeout=120)
+    assert proc.returncode != 0
+    assert f"ckpt_path='{last}' does not fit the model" in proc.stderr
+    assert "different shapes" in proc.stderr and "model.body.net.0.weight" in proc.stderr
+    assert dir_digest(run_dir) == before
+
+
+# ---------------------------------------------------------------------- in-process
+def test_resolve_ckpt_path(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    assert resolve_ckpt_path(None, run_dir, auto_resume=True) is None
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path='last': this run dir .* has no"):
+        resolve_ckpt_path("last", run_dir)
+    with pytest.raises(ConfigError, match="no run dir of its own"):
+        resolve_ckpt_path("last")
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
+        resolve_ckpt_path(str(tmp_path / "none.ckpt"), run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.write_bytes(b"x")
+    assert resolve_ckpt_path("last", run_dir) == str(last)
+    assert resolve_ckpt_path(None, run_dir, auto_resume=True) == str(last)
+    assert resolve_ckpt_path(None, run_dir, auto_resume=False) is None
+    assert resolve_ckpt_path(str(last), tmp_path) == str(last)
+
+
+def test_ckpt_path_last_resumes_the_current_run_dir(make_cfg):
+    """``ckpt_path=last`` continues the run dir's own last.ckpt (3 -> 6 meta-steps)."""
+    cfg = make_cfg(["trainer.val_check_interval=3"], name="run")
+    train(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert global_step(last) == 3
+    train(make_cfg(["ckpt_path=last", "trainer.max_steps=6"], name="run"))
+    assert global_step(last) == 6
+
+
+def test_ckpt_path_last_without_a_checkpoint_never_starts_from_scratch(make_cfg):
+    cfg = make_cfg(["ckpt_path=last"], name="empty")
+    with pytest.raises(FileNotFoundError, match="has no checkpoints/last.ckpt"):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("kind", ["random", "empty", "weights_only", "other_optimizer"])
+def test_unusable_checkpoints_are_clear_errors(killed_and_resumed, make_cfg, tmp_path, kind):
+    source = killed_and_resumed[1] / "checkpoints" / "last.ckpt"  # a sine MLP's, as below
+    bad = tmp_path / f"{kind}.ckpt"
+    if kind == "random":
+        bad.write_bytes(os.urandom(4096))
+        message = "cannot read the checkpoint"
+    elif kind == "empty":
+        bad.write_bytes(b"")
+        message = "cannot read the checkpoint"
+    else:
+        checkpoint = load_checkpoint(source)
+        if kind == "weights_only":
+            del checkpoint["optimizer_states"]
+            message = "holds weights only"
+        else:  # an SGD state for the configured Adam
+            sgd = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1, momentum=0.9)
+            state = sgd.state_dict()
+            params = checkpoint["optimizer_states"][0]["param_groups"][0]["params"]
+            state["param_groups"][0]["params"] = params
+            checkpoint["optimizer_states"] = [state]
+            message = "optimizer state does not fit"
+        torch.save(checkpoint, bad)
+    resumed = make_cfg([f"ckpt_path={bad}"], name="resumed")
+    with pytest.raises(CheckpointError, match=message) as err:
+        train(resumed)
+    assert str(bad) in str(err.value)
+    assert not (Path(resumed.paths.output_dir) / "checkpoints").exists()
+
+
+def test_check_resumable_accepts_a_checkpoint_of_the_same_model(killed_and_resumed, make_cfg):
+    from reptile_gen.utils.instantiate import build_run
+
+    last = killed_and_resumed[1] / "checkpoints" / "last.ckpt"
+    _, module = build_run(make_cfg([], name="own"))
+    check_resumable(load_checkpoint(last), module, last, "this config")
