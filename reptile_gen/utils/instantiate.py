@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
+from reptile_gen.utils.slurm import cluster_plugins
 from reptile_gen.utils.wandb_logging import instantiate_wandb_logger, is_wandb
 
 __all__ = ["build_run", "build_callbacks", "build_loggers", "build_trainer", "write_metrics"]
@@ -74,6 +75,9 @@ def build_trainer(cfg: DictConfig, checkpointing: bool = True) -> tuple[pl.Train
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.Checkpoint)]
     loggers = build_loggers(cfg)
     kwargs = {"enable_checkpointing": False} if not checkpointing else {}
+    if "plugins" not in cfg.trainer:
+        # under Slurm: Lightning's auto-requeue off, submitit requeues (utils/slurm.py)
+        kwargs["plugins"] = cluster_plugins() or None
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, **kwargs
     )
