@@ -62,7 +62,7 @@ def test_and_report(
             log.info("wrote %s", path)
     if trainer.is_global_zero:
         # plots and samples as W&B media, metrics.json as the W&B summary (W&B loggers only)
-        log_report(trainer.loggers, written, metrics, step=trainer.global_step)
+        log_report(trainer.loggers, written, metrics, step=trainer.global_step, out_dir=out_dir)
         print_summary(metrics, out_dir)
     return metrics
 

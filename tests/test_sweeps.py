@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import yaml
@@ -87,9 +88,16 @@ def test_trials_are_wandb_runs_of_one_group_with_plots_and_checkpoints(search):
     images = [p.name for p in run.media("images")]
     assert any(n.startswith("learning_curve_") for n in images), images
     assert any(n.startswith("fit_") for n in images), images
-    # checkpoints as "model" artifacts, staged for `wandb sync`
+    # checkpoints as "model" artifacts, staged for `wandb sync`: the best and last.ckpt
     models = [a for a in run.artifacts if a.type == "model"]
-    assert models and {c.path for a in models for c in a.manifest.contents} == {"model.ckpt"}
+    assert {a.name for a in models} == {f"model-{run.run_id}"}
+    assert {c.path for a in models for c in a.manifest.contents} == {"model.ckpt"}
+    assert any("best" in a.aliases for a in models) and any("last" in a.aliases for a in models)
+    last = next(a for a in models if "last" in a.aliases).manifest.contents[0]
+    assert (
+        os.path.getsize(last.local_path)
+        == (search / "0" / "checkpoints" / "last.ckpt").stat().st_size
+    )
 
 
 def test_missing_metric_in_a_search_is_a_clear_error(make_cfg):

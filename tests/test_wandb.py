@@ -98,7 +98,14 @@ def test_id_continues_that_run(text_sweep, make_cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))
     (first,) = offline_runs(text_sweep[0] / "1")
-    cfg = make_cfg(["logger=wandb", f"logger.wandb.id={first.run_id}", "trainer.max_steps=2"])
+    cfg = make_cfg(
+        [
+            "logger=wandb",
+            f"logger.wandb.id={first.run_id}",
+            "trainer.max_steps=2",
+            "algorithm.eval_inner_steps=1",
+        ]
+    )
     train(cfg)
     (run,) = offline_runs(cfg.paths.output_dir)
     assert run.run_id == first.run_id

@@ -30,6 +30,7 @@ __all__ = [
     "wandb_init_kwargs",
     "instantiate_wandb_logger",
     "log_report",
+    "log_last_checkpoint",
 ]
 
 log = logging.getLogger(__name__)
@@ -166,12 +167,33 @@ def _numbers(metrics: dict) -> dict:
     }
 
 
-def log_report(loggers, paths, metrics: dict, step: int | None = None) -> None:
+def log_last_checkpoint(logger, out_dir, step: int | None = None) -> None:
+    """With ``log_model``, Lightning uploads what a ``ModelCheckpoint`` writes (the best on
+    ``val/loss``); the latest training state, ``checkpoints/last.ckpt`` (written by
+    :class:`~reptile_gen.utils.callbacks.LastCheckpoint`, which is not one), is added to
+    the same ``model-<run id>`` artifact with the alias ``last``, to resume from."""
+    path = Path(out_dir) / "checkpoints" / "last.ckpt"
+    if not getattr(logger, "_log_model", False) or not path.is_file():
+        return
+    import wandb
+
+    run = logger.experiment
+    artifact = wandb.Artifact(
+        name=f"model-{run.id}",
+        type="model",
+        metadata={"original_filename": path.name, "global_step": step},
+    )
+    artifact.add_file(str(path), name="model.ckpt")
+    run.log_artifact(artifact, aliases=["last"])
+
+
+def log_report(loggers, paths, metrics: dict, step: int | None = None, out_dir=None) -> None:
     """Log a run's report to every W&B logger in ``loggers``: each PNG in ``paths`` as a
     ``wandb.Image`` under ``report/<file stem>`` (learning_curve, fit, samples...), each
-    ``samples.txt`` as a ``wandb.Table`` ``report/samples`` (one row per line), and the
-    numeric ``metrics`` (what metrics.json holds) as the run summary. The files are on
-    disk already, so a W&B failure here is a warning, not a failed run."""
+    ``samples.txt`` as a ``wandb.Table`` ``report/samples`` (one row per line), the
+    numeric ``metrics`` (what metrics.json holds) as the run summary, and with
+    ``log_model`` the run dir's ``last.ckpt`` (:func:`log_last_checkpoint`). The files are
+    on disk already, so a W&B failure here is a warning, not a failed run."""
     for logger in loggers or []:
         if type(logger).__name__ != "WandbLogger":
             continue
@@ -188,5 +210,7 @@ def log_report(loggers, paths, metrics: dict, step: int | None = None) -> None:
                         step=step,
                     )
             logger.experiment.summary.update(_numbers(metrics))
+            if out_dir is not None:
+                log_last_checkpoint(logger, out_dir, step)
         except Exception as err:
             log.warning("could not log the report to W&B: %s", err, exc_info=True)
