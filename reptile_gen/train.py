@@ -110,14 +110,14 @@ def setup_run(cfg: DictConfig, out_dir: Path):
     datamodule, module = build_run(cfg)
     if ckpt_path is not None:
         checkpoint = load_checkpoint(ckpt_path)
-        source = f"of this run ({out_dir / '.hydra' / 'config.yaml'})"
+        source = "this command's config"
         if fitting:
             check_resumable(checkpoint, module, ckpt_path, source)
             log.info(
                 "resuming from %s (meta-step %s)", ckpt_path, checkpoint.get("global_step", "?")
             )
         else:
-            check_checkpoint_matches(checkpoint, module, ckpt_path, source)
+            check_checkpoint_matches(checkpoint, module, ckpt_path, source, built_by=source)
         del checkpoint
     return ckpt_path, datamodule, module
 

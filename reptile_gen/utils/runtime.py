@@ -191,10 +191,12 @@ def check_checkpoint_matches(
     run_config,
     hint: str = "evaluate a checkpoint with the config of the run that wrote it (its "
     "<run dir>/.hydra/config.yaml, or run_config=<that file>) and no model/task overrides",
+    built_by: str | None = None,
 ) -> None:
     """Compare the checkpoint's tensors (names and shapes) with those of the ``module``
     built from the config ``run_config``; on mismatch a :class:`CheckpointError` naming
-    both sides (a checkpoint of another task, model or algorithm) and ending in ``hint``.
+    both sides (a checkpoint of another task, model or algorithm) and ending in ``hint``;
+    ``built_by`` names the config in the message (default: ``run_config`` with overrides).
     Differing ``hyper_parameters`` alone are fine (overrides such as
     ``algorithm.eval_inner_steps`` change them on purpose)."""
     theirs = checkpoint["state_dict"]
@@ -225,9 +227,9 @@ def check_checkpoint_matches(
         f"algorithm={type(module).__name__}"
     )
     lines = [
-        f"ckpt_path={str(ckpt_path)!r} does not fit the model that the config "
-        f"{str(run_config)!r} (with the overrides) builds: is it a checkpoint of another "
-        "task, model or algorithm?",
+        f"ckpt_path={str(ckpt_path)!r} does not fit the model that "
+        f"{built_by or f'the config {str(run_config)!r} (with the overrides)'} builds: is "
+        "it a checkpoint of another task, model or algorithm?",
         f"  the checkpoint: {_summary(theirs)}; its hyper_parameters: {hparams}",
         f"  this config: {built}: {_summary(ours)}",
     ]
@@ -243,8 +245,9 @@ def check_checkpoint_matches(
     raise CheckpointError("\n".join(lines))
 
 
-def check_resumable(checkpoint: dict, module, ckpt_path, run_config) -> None:
-    """Checks before ``trainer.fit(ckpt_path=...)``: the checkpoint fits the model
+def check_resumable(checkpoint: dict, module, ckpt_path, run_config: str) -> None:
+    """Checks before ``trainer.fit(ckpt_path=...)`` (``run_config`` says which config built
+    ``module``, e.g. "this command's config"): the checkpoint fits the model
     (:func:`check_checkpoint_matches`) and holds a full training state whose optimizers
     are the ones this config builds (same count, same kind of settings, same number of
     parameters): otherwise Lightning fails halfway, or an Adam state lands in SGD."""
@@ -253,7 +256,9 @@ def check_resumable(checkpoint: dict, module, ckpt_path, run_config) -> None:
         "algorithm), or start afresh in a new run dir (leave out hydra.run.dir, or "
         "ckpt_path=null auto_resume=false)"
     )
-    check_checkpoint_matches(checkpoint, module, ckpt_path, run_config, hint=hint)
+    check_checkpoint_matches(
+        checkpoint, module, ckpt_path, run_config, hint=hint, built_by=f"{run_config}"
+    )
     states = checkpoint.get("optimizer_states")
     if not states or "loops" not in checkpoint:
         raise CheckpointError(
@@ -292,7 +297,7 @@ def check_resumable(checkpoint: dict, module, ckpt_path, run_config) -> None:
 
         raise CheckpointError(
             f"ckpt_path={str(ckpt_path)!r}: its optimizer state does not fit the optimizers "
-            f"that the config {str(run_config)!r} builds ({[type(o).__name__ for o in ours]}); "
+            f"that {run_config} builds ({[type(o).__name__ for o in ours]}); "
             f"(settings, number of parameters) per param group: checkpoint "
             f"{show(theirs_groups)} vs this config {show(ours_groups)}; {hint}"
         )
