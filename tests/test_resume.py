@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, compose_config
 
 from reptile_gen.train import train
 from reptile_gen.utils.runtime import (
@@ -54,7 +55,7 @@ def slow(marker: Path) -> list[str]:
     return [
         "+callbacks.slow._target_=slow_steps.SlowSteps",
         f"+callbacks.slow.after_step={SLOW_AFTER}",
-        "+callbacks.slow.seconds=0.5",
+        "+callbacks.slow.seconds=5",
         f"+callbacks.slow.marker={marker}",
     ]
 
@@ -174,44 +175,57 @@ def test_resumed_run_keeps_the_validation_history(killed_and_resumed):
     assert val_steps == [39, 49]
 
 
-def test_corrupt_checkpoint_is_a_clear_error_and_the_run_dir_is_untouched(
-    killed_and_resumed, tmp_path
-):
-    """``ckpt_path=<truncated file>`` into the existing run dir: the error names the file,
-    and the run's checkpoints, metrics, logs and .hydra files are as they were."""
+@pytest.fixture(scope="module")
+def failed_starts(killed_and_resumed, tmp_path_factory):
+    """Two starts that must fail, run side by side, each with its run dir's digest from
+    before: ``ckpt_path=<truncated file>`` into the killed run's dir, and a plain re-run
+    (auto-resume) of a copy of that dir whose last.ckpt is of another model (a real run
+    with a narrower network)."""
     _, killed, _ = killed_and_resumed
-    truncated = tmp_path / "truncated.ckpt"
+    root = tmp_path_factory.mktemp("failed")
+    truncated = root / "truncated.ckpt"
     data = (killed / "checkpoints" / "last.ckpt").read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
-    before = dir_digest(killed)
-    proc = run(train_cmd(killed, f"ckpt_path={truncated}"), timeout=120)
-    assert proc.returncode != 0
-    assert f"ckpt_path='{truncated}': cannot read the checkpoint" in proc.stderr
-    assert "corrupt, truncated" in proc.stderr
-    assert dir_digest(killed) == before
-
-
-def test_auto_resume_from_a_mismatched_checkpoint_fails_clearly(
-    killed_and_resumed, make_cfg, tmp_path
-):
-    """A run dir whose last.ckpt is of another model (a real run with a wider network):
-    auto-resume refuses it, naming the file, and changes nothing in the dir."""
-    _, killed, _ = killed_and_resumed
-    other = make_cfg(["model.body.hidden_sizes=[8]", "seed=7"], name="other")
+    other = compose_config(["model.body.hidden_sizes=[8]", "seed=7"], root / "other")
     train(other)
-    run_dir = tmp_path / "copy"
-    run_dir.mkdir()
-    for path in killed.rglob("*"):
-        if path.is_file():
-            (run_dir / path.relative_to(killed)).parent.mkdir(parents=True, exist_ok=True)
-            (run_dir / path.relative_to(killed)).write_bytes(path.read_bytes())
+    mismatched = root / "mismatched"
+    shutil.copytree(killed, mismatched)
+    other_last = Path(other.paths.output_dir) / "checkpoints" / "last.ckpt"
+    shutil.copyfile(other_last, mismatched / "checkpoints" / "last.ckpt")
+    cases = {
+        "corrupt": (killed, train_cmd(killed, f"ckpt_path={truncated}")),
+        "mismatched": (mismatched, train_cmd(mismatched)),
+    }
+    before = {name: dir_digest(run_dir) for name, (run_dir, _) in cases.items()}
+    procs = {name: start(cmd, root / f"{name}.log") for name, (_, cmd) in cases.items()}
+    results = {}
+    for name, proc in procs.items():
+        code = proc.wait(timeout=240)
+        run_dir = cases[name][0]
+        results[name] = (code, (root / f"{name}.log").read_text(), run_dir, before[name])
+    results["truncated"] = truncated
+    return results
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_the_run_dir_is_untouched(failed_starts):
+    """``ckpt_path=<truncated file>`` into the existing run dir: the error names the file,
+    and the run's checkpoints, metrics, CSV logs and .hydra files are as they were."""
+    code, output, run_dir, before = failed_starts["corrupt"]
+    truncated = failed_starts["truncated"]
+    assert code != 0
+    assert f"ckpt_path='{truncated}': cannot read the checkpoint" in output
+    assert "corrupt, truncated" in output
+    assert dir_digest(run_dir) == before
+
+
+def test_auto_resume_from_a_mismatched_checkpoint_fails_clearly(failed_starts):
+    """A run dir whose last.ckpt is of another model: auto-resume refuses it, naming the
+    file and the differences, and changes nothing in the dir."""
+    code, output, run_dir, before = failed_starts["mismatched"]
     last = run_dir / "checkpoints" / "last.ckpt"
-    last.write_bytes((Path(other.paths.output_dir) / "checkpoints" / "last.ckpt").read_bytes())
-    before = dir_digest(run_dir)
-    proc = run(train_cmd(run_dir), timeout=120)
-    assert proc.returncode != 0
-    assert f"ckpt_path='{last}' does not fit the model" in proc.stderr
-    assert "different shapes" in proc.stderr and "model.body.net.0.weight" in proc.stderr
+    assert code != 0
+    assert f"ckpt_path='{last}' does not fit the model that this command's config" in output
+    assert "different shapes" in output and "model.body.net.0.weight" in output
     assert dir_digest(run_dir) == before
 
 
