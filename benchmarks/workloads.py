@@ -3,9 +3,9 @@
 A workload is a Hydra composition of the real ``conf/`` (task, model, algorithm and their
 options) plus the engines it is timed with:
 
-* *engines* are the values of ``algorithm.inner_loop`` (``functional``, ``higher``); the
-  module is built with ``algorithm.inner_loop=<engine>`` and timed through its own
-  ``meta_loss``;
+* *engines* are the values of ``algorithm.inner_loop`` (``functional``, ``higher``,
+  ``lowrank``); the module is built with ``algorithm.inner_loop=<engine>`` and timed
+  through its own ``meta_loss``;
 * *baselines* are hand-written meta-losses (:mod:`benchmarks.baselines`) run on the module
   built with the :attr:`Workload.reference` engine (same parameters, same optimizer).
 
@@ -262,7 +262,7 @@ register(
         description="text Reptile, meta-batch 50 x 128 positions, 7x512 ReLU MLP "
         "(experiment=text_reptile)",
         overrides=("experiment=text_reptile",),
-        engines=("functional", "higher"),
+        engines=("functional", "higher", "lowrank"),
         budget=SEQUENCE_BUDGET,
         timeout_s=1800.0,
         **TINY_CHECK,
@@ -276,7 +276,7 @@ register(
         # the experiment's keys (inner lr 1e-3, outer Adam 1e-3, max_len 128) stay; only
         # the algorithm group and the meta-batch change
         overrides=("experiment=text_reptile", "algorithm=maml", "task.meta_batch_size=8"),
-        engines=("functional", "higher"),
+        engines=("functional", "higher", "lowrank"),
         budget=SEQUENCE_BUDGET,
         **TINY_CHECK,
     )
@@ -287,7 +287,7 @@ register(
         description="MNIST Reptile, meta-batch 50 x 784 pixels, LSTM-block model "
         "(experiment=mnist_reptile)",
         overrides=("experiment=mnist_reptile",),
-        engines=("functional", "higher"),
+        engines=("functional", "higher", "lowrank"),
         budget={
             **SEQUENCE_BUDGET,
             "full": dict(SEQUENCE_BUDGET["full"], warmup=0, min_steps=2, min_time_s=0.0),
@@ -306,7 +306,7 @@ register(
         description="MNIST second-order MAML, meta-batch 8 x 784 pixels, checkpointed "
         "(sqrt(784) = 28 segments), LSTM-block model (experiment=mnist_maml)",
         overrides=("experiment=mnist_maml",),
-        engines=("functional", "higher"),
+        engines=("functional", "higher", "lowrank"),
         budget=SEQUENCE_BUDGET,
         timeout_s=2400.0,
         quick_batches=prefix_batches(196),
@@ -317,8 +317,7 @@ register(
             "unroll of 8 tasks needs ~50 GB (1 GB per task per 128 steps measured) "
             "> 24 GB RAM"
         },
-        check_grads=False,
-        check_note=SINGLE_ENGINE_CHECK,
+        **TINY_CHECK,
     )
 )
 # full vs checkpointed second-order MAML where the full unroll fits: the first 128 pixels

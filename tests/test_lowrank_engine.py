@@ -31,6 +31,7 @@ from torch import nn
 
 from reptile_gen.algorithms import MAML, Reptile
 from reptile_gen.inner_loop import LowRankEngine, make_engine
+from reptile_gen.inner_loop import lowrank as lowrank_module
 from reptile_gen.models import MLP, GatedMLP, LSTMBlockStack, Siren
 from reptile_gen.sampling import OnlineSampler, check_sampleable
 from reptile_gen.utils.instantiate import build_run
@@ -174,9 +175,13 @@ def test_checkpointed_and_truncated_second_order(segments, truncate):
     assert flat(g_ref).abs().max() > 1e-3
 
 
-def test_checkpointed_embeddings_and_lstm_block():
+@pytest.mark.parametrize("fold", ["auto", "always", "never"])
+def test_checkpointed_embeddings_and_lstm_block(fold, monkeypatch):
     """Checkpointing with an index history (embeddings) and the LSTM block's once-per-step
-    ``state_to_gates`` rows; per-tensor rates."""
+    ``state_to_gates`` rows; per-tensor rates. The recomputed segments read the history
+    before them as rows or folded into a dense per-task delta (by size; both forced)."""
+    if fold != "auto":
+        monkeypatch.setattr(lowrank_module, "_folds", lambda *args: fold == "always")
     body = functools.partial(LSTMBlockStack, hidden_sizes=[4], input_layer=3, layer_norm=True)
     model = make_model(CLASSES, body=body)
     batch = make_batch(CLASSES, num_tasks=2, support=9, query=None, lengths=[9, 6])

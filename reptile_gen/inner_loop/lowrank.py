@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 
 from reptile_gen.data.task_batch import TaskBatch
 from reptile_gen.inner_loop.base import (
@@ -248,11 +248,17 @@ class _Tape:
             self.shapes[i] = (tuple(x.shape), tuple(out.shape))
             return None
         correction = None
-        for a, d in self.pieces[i]:
-            if site.embedding:
-                c = (x.unsqueeze(-1) == a).to(d.dtype) @ d
+        for piece in self.pieces[i]:
+            if len(piece) == 1:  # a folded (dense) delta of the weight, (dW,)
+                dw = piece[0]
+                if site.embedding:
+                    c = torch.nn.functional.embedding(x, dw)
+                else:
+                    c = x @ dw.transpose(-1, -2)
+            elif site.embedding:
+                c = (x.unsqueeze(-1) == piece[0]).to(piece[1].dtype) @ piece[1]
             else:
-                c = (x @ a.transpose(-1, -2)) @ d
+                c = (x @ piece[0].transpose(-1, -2)) @ piece[1]
             correction = c if correction is None else correction + c
         if correction is not None:
             out = out - self.rates[i] * correction
@@ -297,6 +303,14 @@ class _Run:
         named = list(model.named_parameters())
         self.param_names = [n for n, _ in named]
         params = dict(named)
+        # every name of a tied parameter gets its tensor (functional_call then needs no
+        # per-call tie detection: tie_weights=False)
+        canonical = {id(p): n for n, p in named}
+        self.aliases = [
+            (n, canonical[id(p)])
+            for n, p in model.named_parameters(remove_duplicate=False)
+            if canonical[id(p)] != n
+        ]
         first = next(iter(params.values()))
         self.dtype, self.device = first.dtype, first.device
 
@@ -404,7 +418,9 @@ class _Run:
     def _call(self, tape: _Tape, params: dict, x: torch.Tensor) -> torch.Tensor:
         self.tape = tape
         try:
-            return functional_call(self.model, (params, self.buffers), (x,))
+            for alias, name in self.aliases:
+                params[alias] = params[name]
+            return functional_call(self.model, (params, self.buffers), (x,), tie_weights=False)
         finally:
             self.tape = None
 
@@ -424,30 +440,68 @@ class _Run:
         return [step_index * s.rows for s in self.sites]
 
     # -------------------------------------------------------------- vmapped pieces
-    def step(self, env: _Env, small, pieces, x, y, m):
+    def step(self, env: _Env, small, pieces, x, y, m, keep_graph: bool, differentiable: bool):
         """One inner step of every task: ``(small grads, deltas, elements, inputs)``,
-        batched over tasks (deltas ``[B, rows, out]``, inputs ``[B, rows, in]``)."""
-        dtype, device = self.dtype, self.device
+        batched over tasks (deltas ``[B, rows, out]``, inputs ``[B, rows, in]``).
 
-        def one_task(small, pieces, x, y, m):
-            probes = [torch.zeros(s.probe_shape, dtype=dtype, device=device) for s in self.sites]
+        Only the forward pass is ``vmap``-ed; the gradients come from one ordinary
+        ``autograd.grad`` of the sum of the tasks' losses (tasks share nothing that is
+        differentiated here, so each task's probes and small parameters receive that
+        task's own gradient). This keeps the backward pass out of the batching rules,
+        which cost more than the arithmetic on these small per-element steps.
 
-            def loss(small, probes):
-                tape = _Tape(pieces, env.site_rates, probes)
-                out = self._call(tape, self._params(env, small), x)
-                elements = self.loss_fn(out, y)
-                return masked_mean(elements, m), (elements * m.to(elements.dtype), tape.inputs)
-
-            (g_small, deltas), (elements, inputs) = grad(loss, argnums=(0, 1), has_aux=True)(
-                small, probes
-            )
-            return g_small, deltas, elements, inputs
-
-        g_small, deltas, elements, inputs = vmap(one_task, randomness="different")(
-            small, pieces, x, y, m
-        )
+        Args:
+            keep_graph: the losses and inputs keep their graph to the initial parameters
+                (first- and second-order runs); otherwise everything returned is detached.
+            differentiable: the gradients themselves carry a graph (second order).
+        """
         b = self.num_tasks
-        deltas = [d.reshape(b, s.rows, s.out_width) for d, s in zip(deltas, self.sites)]
+        small = [p if p.requires_grad else p.detach().requires_grad_() for p in small]
+        probes = [
+            torch.zeros(b, *s.probe_shape, dtype=self.dtype, device=self.device, requires_grad=True)
+            for s in self.sites
+        ]
+
+        ns, lengths = len(small), [[len(piece) for piece in p] for p in pieces]
+
+        def one_task(*flat):
+            # flat arguments: vmap's pytree handling of nested ones costs more than this
+            small_t, rest = flat[:ns], flat[ns:]
+            pieces_t, k = [], 0
+            for site_lengths in lengths:
+                site_pieces = []
+                for n in site_lengths:
+                    site_pieces.append(tuple(rest[k : k + n]))
+                    k += n
+                pieces_t.append(site_pieces)
+            probes_t, (x_t, y_t, m_t) = rest[k:-3], rest[-3:]
+            tape = _Tape(pieces_t, env.site_rates, probes_t)
+            out = self._call(tape, self._params(env, small_t), x_t)
+            elements = self.loss_fn(out, y_t)
+            loss = masked_mean(elements, m_t)
+            return (loss, elements * m_t.to(elements.dtype), *tape.inputs)
+
+        flat_pieces = [t for site_pieces in pieces for pair in site_pieces for t in pair]
+        with torch.enable_grad():
+            losses, elements, *inputs = vmap(one_task, randomness="different")(
+                *small, *flat_pieces, *probes, x, y, m
+            )
+            grads = torch.autograd.grad(
+                losses.sum(),
+                [*probes, *small],
+                create_graph=differentiable,
+                retain_graph=keep_graph,
+                allow_unused=True,
+            )
+        n = len(probes)
+        deltas = [
+            (torch.zeros_like(p) if g is None else g).reshape(b, s.rows, s.out_width)
+            for g, p, s in zip(grads[:n], probes, self.sites)
+        ]
+        g_small = [torch.zeros_like(p) if g is None else g for g, p in zip(grads[n:], small)]
+        if not keep_graph:
+            elements = elements.detach()
+            inputs = [a.detach() for a in inputs]
         return g_small, deltas, elements, inputs
 
     def query_loss(self, env: _Env, small, pieces) -> torch.Tensor:
@@ -461,19 +515,22 @@ class _Run:
 
     # ------------------------------------------------------------------ loops
     def new_history(self):
-        """Zeroed buffers for every step's rows: ``(A, D)`` per site."""
+        """Buffers for every step's rows, ``(A, D)`` per site (uninitialised: every step
+        writes its rows before any later step reads them)."""
         b, t = self.num_tasks, self.num_steps
         out = []
         for s in self.sites:
             if s.embedding:
-                a = torch.zeros(b, t * s.rows, dtype=torch.long, device=self.device)
+                a = torch.empty(b, t * s.rows, dtype=torch.long, device=self.device)
             else:
-                a = torch.zeros(b, t * s.rows, s.in_width, dtype=self.dtype, device=self.device)
-            d = torch.zeros(b, t * s.rows, s.out_width, dtype=self.dtype, device=self.device)
+                a = torch.empty(b, t * s.rows, s.in_width, dtype=self.dtype, device=self.device)
+            d = torch.empty(b, t * s.rows, s.out_width, dtype=self.dtype, device=self.device)
             out.append((a, d))
         return out
 
-    def buffered(self, env, small, steps, history, outs, in_place=False, snapshots=None):
+    def buffered(
+        self, env, small, steps, history, outs, keep_graph, in_place=False, snapshots=None
+    ):
         """Run ``steps`` (indices) whose history rows are constants (no graph through
         them: ``none``, first-order and truncated steps, the checkpointed forward),
         writing the rows into ``history`` in place. ``outs`` collects the per-step
@@ -491,7 +548,9 @@ class _Run:
             step = self.steps[i]
             rows = self._rows(i)
             pieces = [[(a[:, :r], d[:, :r])] if r else [] for (a, d), r in zip(history, rows)]
-            g_small, deltas, elements, inputs = self.step(env, small, pieces, *self.step_data(step))
+            g_small, deltas, elements, inputs = self.step(
+                env, small, pieces, *self.step_data(step), keep_graph, False
+            )
             for (wa, wd), r, s, a, d in zip(writers, rows, self.sites, inputs, deltas):
                 wa[:, r : r + s.rows] = a.detach()
                 wd[:, r : r + s.rows] = d.detach()
@@ -547,7 +606,7 @@ class _Run:
         for i in steps:
             step = self.steps[i]
             g_small, deltas, elements, inputs = self.step(
-                env, small, pieces_now(), *self.step_data(step)
+                env, small, pieces_now(), *self.step_data(step), True, not step.first_order
             )
             if step.first_order:
                 g_small = [g.detach() for g in g_small]
@@ -576,13 +635,15 @@ class _Run:
             if self.grad_mode == "none":
                 history = self.new_history()
                 small = [p.clone() for p in self.small0]
-                small = self.buffered(env, small, range(self.num_steps), history, outs, True)
+                small = self.buffered(
+                    env, small, range(self.num_steps), history, outs, False, in_place=True
+                )
                 pieces = [[h] for h in history]
                 steps_t, elements_t, queries_t = outs.stacked(self)
             elif self.grad_mode == "first_order" or self.segments == 1:
                 history = self.new_history()
                 fo = sum(s.first_order for s in self.steps)
-                small = self.buffered(env, self.small0, range(fo), history, outs)
+                small = self.buffered(env, self.small0, range(fo), history, outs, True)
                 rows = self._rows(fo)
                 base = [[(a[:, :r], d[:, :r])] if r else [] for (a, d), r in zip(history, rows)]
                 pieces = base
@@ -715,12 +776,14 @@ class _CheckpointedLoop(torch.autograd.Function):
     def forward(ctx, run: _Run, bounds: list[int], track: bool, *tensors):
         nw, ns = len(run.sites), len(run.small_names)
         weights, small0, rates = tensors[:nw], tensors[nw : nw + ns], tensors[nw + ns :]
-        env = _Env(list(weights), list(rates), run)
+        # no graph in forward: detached inputs (backward recomputes with the real ones)
+        env = _Env([w.detach() for w in weights], [r.detach() for r in rates], run)
         history = run.new_history()
         snapshots = {b: None for b in bounds[1:-1]}
         outs = _Outputs(track)
-        small = [p.clone() for p in small0]
-        small = run.buffered(env, small, range(run.num_steps), history, outs, True, snapshots)
+        small = [p.detach().clone() for p in small0]
+        steps = range(run.num_steps)
+        small = run.buffered(env, small, steps, history, outs, False, True, snapshots)
         steps, elements, queries = outs.stacked(run)
         ctx.run, ctx.bounds, ctx.track = run, bounds, track
         ctx.snapshots = [None] + [snapshots[b] for b in bounds[1:-1]]
@@ -765,15 +828,16 @@ class _CheckpointedLoop(torch.autograd.Function):
             small = [t.detach().requires_grad_(True) for t in start]
             r0, r1 = run._rows(lo), run._rows(hi)
             base, prefix_leaves = [], []
-            for s, a, d, r in zip(run.sites, a_hist, d_hist, r0):
-                if r:
-                    pa = a[:, :r].detach().requires_grad_(not s.embedding)
-                    pd = d[:, :r].detach().requires_grad_(True)
-                    base.append([(pa, pd)])
-                    prefix_leaves.append((pa, pd))
-                else:
-                    base.append([])
-                    prefix_leaves.append(None)
+            with torch.enable_grad():
+                for s, w, a, d, r in zip(run.sites, weights, a_hist, d_hist, r0):
+                    if r:
+                        pa = a[:, :r].detach().requires_grad_(not s.embedding)
+                        pd = d[:, :r].detach().requires_grad_(True)
+                        base.append([_fold(s, w, pa, pd) if _folds(s, w, r) else (pa, pd)])
+                        prefix_leaves.append((pa, pd))
+                    else:
+                        base.append([])
+                        prefix_leaves.append(None)
             outs = _Outputs(ctx.track)
             with torch.enable_grad(), run.hooks():
                 small_end, new = run.with_graph(env, small, base, range(lo, hi), hi - lo, outs)
@@ -816,6 +880,26 @@ class _CheckpointedLoop(torch.autograd.Function):
                 if t.requires_grad:
                     g_rates[idx] = add(g_rates[idx], next(it))
         return (None, None, None, *g_weights, *g_small, *g_rates)
+
+
+def _folds(site: _Site, weight: torch.Tensor, rows: int) -> bool:
+    """Whether ``rows`` history rows cost more per use than a dense per-task weight delta
+    (``rows * (in + out)`` against ``in * out`` numbers read, and the same written as
+    gradient at every step of a recomputed segment)."""
+    if site.embedding:
+        return rows * (1 + site.out_width) > weight.numel()
+    return rows * (site.in_width + site.out_width) > weight.numel()
+
+
+def _fold(site: _Site, weight: torch.Tensor, a: torch.Tensor, d: torch.Tensor) -> tuple:
+    """History rows ``(A [B, r, in], D [B, r, out])`` as one dense per-task delta
+    ``(D^T A,)`` of the weight's shape (for an embedding: ``D`` summed into the rows ``A``
+    index), made with the graph, so the rows' gradient comes back through one GEMM per
+    segment instead of a dense ``[B, r, width]`` gradient at every step."""
+    if site.embedding:
+        out = torch.zeros(a.shape[0], *weight.shape, dtype=d.dtype, device=d.device)
+        return (out.scatter_add(1, a.unsqueeze(-1).expand(-1, -1, d.shape[-1]), d),)
+    return (torch.bmm(d.transpose(1, 2), a),)
 
 
 def _pad(t: torch.Tensor, length: int) -> torch.Tensor:
