@@ -337,6 +337,14 @@ class ImageDataModule(TaskDataModule):
         self._load()
         return {"data/source": self.source_used}
 
+    def output_prior(self) -> torch.Tensor:
+        """``[1]`` the log-odds of a training pixel being on (clamped away from 0 and 1):
+        the head bias that makes an untrained model predict the mean image density
+        (``model.head_bias=prior``)."""
+        self._load()
+        p = self.bits["train"].mean().clamp(1e-4, 1 - 1e-4)
+        return torch.log(p / (1 - p)).reshape(1).float()
+
     def write_report(self, module, out_dir) -> list[Path]:
         """At test end: ``samples.png``, 8 images drawn from the trained model in the
         task's pixel order (seeded by ``seed``; nothing, with a warning, for a model the

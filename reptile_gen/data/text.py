@@ -10,6 +10,7 @@ grammar, split deterministically into train/val/test by a hash of each line.
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import torch
@@ -193,15 +194,24 @@ class TextDataModule(TaskDataModule):
             "test/unigram/nll_bits_per_char": round(self.unigram_bits_per_char(), 4),
         }
 
+    def output_prior(self) -> torch.Tensor:
+        """``[256]`` log-frequencies of the training lines' bytes (end token counted,
+        add-one smoothed): the head bias that makes an untrained model a unigram model
+        (``model.head_bias=prior``)."""
+        return self._byte_log_prior().float()
+
+    def _byte_log_prior(self) -> torch.Tensor:
+        self._load()
+        train_y, train_mask = self.encoded["train"]
+        counts = torch.bincount(train_y[train_mask], minlength=256).double() + 1.0
+        return (counts / counts.sum()).log()
+
     def unigram_bits_per_char(self) -> float:
         """A reference point for the test bits/char: a byte-frequency (unigram) model of
         the training lines (add-one smoothed over 256 values, the end token counted),
         scored on the same test lines as the model. A sequence model that does not beat
         it has learned only how often each byte occurs."""
-        self._load()
-        train_y, train_mask = self.encoded["train"]
-        counts = torch.bincount(train_y[train_mask], minlength=256).double() + 1.0
-        log2p = torch.log2(counts / counts.sum())
+        log2p = self._byte_log_prior() / math.log(2.0)
         test_y, test_mask = self.encoded["test"]
         if self.num_test_tasks is not None:
             test_y, test_mask = test_y[: self.num_test_tasks], test_mask[: self.num_test_tasks]

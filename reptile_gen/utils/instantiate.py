@@ -26,7 +26,10 @@ def build_run(cfg: DictConfig):
     order matters: it makes the model's random initialisation a function of the seed)."""
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.task)
-    model = hydra.utils.instantiate(cfg.model)(spec=datamodule.spec)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    head_bias = model_cfg.pop("head_bias", "default")
+    model = hydra.utils.instantiate(model_cfg)(spec=datamodule.spec)
+    init_head_bias(model, head_bias, datamodule)
     # called, not instantiated with kwargs: Hydra would turn the spec dataclass into a config
     module = hydra.utils.instantiate(cfg.algorithm, _partial_=True)(
         model=model, task_spec=datamodule.spec
@@ -34,6 +37,31 @@ def build_run(cfg: DictConfig):
     if str(cfg.trainer.get("precision", "")).startswith("64"):
         module = module.double()
     return datamodule, module
+
+
+HEAD_BIAS = ("default", "prior")
+
+
+def init_head_bias(model, head_bias: str, datamodule) -> None:
+    """``model.head_bias``: ``default`` keeps PyTorch's initialisation of the output layer's
+    bias; ``prior`` sets it to the task's training-target prior (``datamodule.output_prior()``:
+    byte log-frequencies for text, the log-odds of an on pixel for images), so the untrained
+    network already predicts the marginal distribution and meta-training starts from the
+    unigram level instead of spending its first steps learning it."""
+    if head_bias not in HEAD_BIAS:
+        raise ValueError(f"model.head_bias={head_bias!r}; allowed: {', '.join(HEAD_BIAS)}")
+    if head_bias == "default":
+        return
+    prior = getattr(datamodule, "output_prior", None)
+    head = getattr(model, "head", None)
+    if prior is None or getattr(head, "bias", None) is None:
+        raise ValueError(
+            f"model.head_bias=prior with task {type(datamodule).__name__}: it has no "
+            "training-target prior (allowed with task=text, mnist, digits; use "
+            "model.head_bias=default)"
+        )
+    with torch.no_grad():
+        head.bias.copy_(prior().to(head.bias.dtype))
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
