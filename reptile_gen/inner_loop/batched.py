@@ -40,6 +40,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from reptile_gen.data.task_spec import TaskSpec
+from reptile_gen.inner_loop.schedule import split_rates
 from reptile_gen.models import SequenceModel
 from reptile_gen.models.bodies import (
     MLP,
@@ -467,13 +468,7 @@ class BatchedRunner:
         self.model = model
         self.names = names
         self.loss_fn = loss_fn
-        self.rate_tensors = list(
-            dict.fromkeys(r for r in rates.values() if torch.is_tensor(r)).keys()
-        )
-        index = {id(t): i for i, t in enumerate(self.rate_tensors)}
-        self.rate_slots = {
-            k: index[id(r)] if torch.is_tensor(r) else None for k, r in rates.items()
-        }
+        self.rate_tensors, self.rate_slots = split_rates(rates)
         self.fixed_rates = {k: r for k, r in rates.items() if not torch.is_tensor(r)}
         self.chunk_size = chunk_size
         self.track_query = track_query

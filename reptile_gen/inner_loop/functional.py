@@ -44,7 +44,7 @@ from reptile_gen.inner_loop.base import (
     masked_mean,
 )
 from reptile_gen.inner_loop.batched import BatchedRunner, compile_model
-from reptile_gen.inner_loop.schedule import InnerLR, InnerSchedule
+from reptile_gen.inner_loop.schedule import InnerLR, InnerSchedule, split_rates
 
 __all__ = ["FunctionalEngine", "num_segments", "check_truncate_steps", "PATHS"]
 
@@ -230,13 +230,7 @@ class _SegmentRunner:
         self.loss_fn = loss_fn
         # learned rates become explicit inputs (so a checkpointed segment can return
         # their gradients); fixed ones stay floats
-        self.rate_tensors = list(
-            dict.fromkeys(r for r in rates.values() if torch.is_tensor(r)).keys()
-        )
-        index = {id(t): i for i, t in enumerate(self.rate_tensors)}
-        self.rate_slots = {
-            k: index[id(r)] if torch.is_tensor(r) else None for k, r in rates.items()
-        }
+        self.rate_tensors, self.rate_slots = split_rates(rates)
         self.fixed_rates = {k: r for k, r in rates.items() if not torch.is_tensor(r)}
         self.chunk_size = chunk_size
         self.track_query = track_query

@@ -63,7 +63,7 @@ from reptile_gen.inner_loop.base import (
     masked_mean,
 )
 from reptile_gen.inner_loop.functional import check_truncate_steps, num_segments
-from reptile_gen.inner_loop.schedule import InnerLR, InnerSchedule
+from reptile_gen.inner_loop.schedule import InnerLR, InnerSchedule, split_rates
 
 __all__ = ["LowRankEngine", "LOWRANK_LR_MODES"]
 
@@ -376,13 +376,8 @@ class _Run:
         rates = lr.rates_by_name()
         if not self.graph:
             rates = {k: (r.detach() if torch.is_tensor(r) else r) for k, r in rates.items()}
-        self.rate_tensors = list(
-            dict.fromkeys(r for r in rates.values() if torch.is_tensor(r)).keys()
-        )
-        index = {id(t): i for i, t in enumerate(self.rate_tensors)}
-        self.rate_slots = {
-            k: (index[id(r)] if torch.is_tensor(r) else float(r)) for k, r in rates.items()
-        }
+        self.rate_tensors, slots = split_rates(rates)
+        self.rate_slots = {k: float(rates[k]) if i is None else i for k, i in slots.items()}
         weights = [params[n] for n in self.site_names]
         small = [params[n] for n in self.small_names]
         if not self.graph:

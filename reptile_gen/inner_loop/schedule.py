@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["InnerSchedule", "InnerLR", "LEARNED_LR_MODES", "GRAD_MODES"]
+__all__ = ["InnerSchedule", "InnerLR", "LEARNED_LR_MODES", "GRAD_MODES", "split_rates"]
 
 LEARNED_LR_MODES = ("none", "scalar", "per_tensor", "per_parameter")
 GRAD_MODES = ("second_order", "first_order", "none")
@@ -93,3 +93,13 @@ class InnerLR(nn.Module):
 
     def extra_repr(self) -> str:
         return f"learned={self.learned}, init={self.init}"
+
+
+def split_rates(rates: dict) -> tuple[list[torch.Tensor], dict[str, int | None]]:
+    """Learned rates (tensors) become explicit inputs, so that a checkpointed segment can
+    return their gradients; fixed ones stay floats. Returns the distinct rate tensors in
+    first-seen order and, per parameter name, the index of its rate tensor (None for a
+    fixed rate)."""
+    tensors = list(dict.fromkeys(r for r in rates.values() if torch.is_tensor(r)))
+    index = {id(t): i for i, t in enumerate(tensors)}
+    return tensors, {k: index[id(r)] if torch.is_tensor(r) else None for k, r in rates.items()}
