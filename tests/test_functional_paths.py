@@ -22,6 +22,7 @@ from helpers import (
     make_lr,
     make_model,
     meta_grads,
+    run_objective,
 )
 from torch import nn
 
@@ -29,6 +30,7 @@ from reptile_gen.data.task_batch import TaskBatch
 from reptile_gen.data.task_spec import TaskSpec
 from reptile_gen.inner_loop import FunctionalEngine
 from reptile_gen.inner_loop.batched import closed_form_loss
+from reptile_gen.inner_loop.schedule import InnerSchedule
 from reptile_gen.models import MLP, GatedMLP, LSTMBlockStack, Siren
 
 BITS = TaskSpec("discrete", "bits", input_sizes=(4, 3))
@@ -212,3 +214,125 @@ def test_compiled_model_follows_a_swapped_activation():
     assert engine.resolve_path(model)[0] == "analytic"
     model.body.net[1] = nn.Tanh()
     _check(engine, model, batch, lr, CONTINUOUS, ("query",))
+
+
+# ------------------------------------------------------------------ hand-written reverse pass
+HAND_BODIES = {
+    "mlp_relu": BODIES["mlp_relu"][0],
+    "mlp_tanh": functools.partial(MLP, hidden_sizes=[6, 5], activation="tanh"),
+    "siren": BODIES["siren"][0],
+}
+
+
+def _hand_calls(monkeypatch):
+    """Counts of the hand-written backward passes taken (segment, query)."""
+    from reptile_gen.inner_loop import second_order
+
+    calls = {"segment": 0, "query": 0}
+    for name, cls in (("segment", second_order.HandSegment), ("query", second_order.HandQuery)):
+        original = cls.backward
+
+        def counted(ctx, *grads, _original=original, _name=name):
+            calls[_name] += 1
+            return _original(ctx, *grads)
+
+        monkeypatch.setattr(cls, "backward", staticmethod(counted))
+    return calls
+
+
+@pytest.mark.parametrize("learned", ["none", "scalar", "per_tensor", "per_parameter"])
+@pytest.mark.parametrize("body", list(HAND_BODIES))
+def test_hand_backward_equals_the_autograd_graph(body, learned, monkeypatch):
+    """The hand-written reverse pass (R-operator Hessian-vector products, learned-rate
+    gradients, first-order steps) gives the autograd graph's meta-gradients in float64,
+    for second-order, first-order and truncated MAML on the query and online objectives,
+    with padding."""
+    calls = _hand_calls(monkeypatch)
+    model = make_model(body=HAND_BODIES[body])
+    batch = make_batch(lengths=PADDED_LENGTHS)
+    lr = make_lr(model, learned, init=0.005 if body == "siren" else 0.05)
+    hand, graph = FunctionalEngine(path="analytic"), FunctionalEngine(hand_backward=False)
+    cases = [(s, k, m) for s in SCHEDULES.values() for k in ("query", "online")
+             for m in ("second_order", "first_order")]  # fmt: skip
+    for sched, kind, mode in cases:
+        va, ga = meta_grads(hand, model, batch, lr, sched, kind, mode)
+        vb, gb = meta_grads(graph, model, batch, lr, sched, kind, mode)
+        torch.testing.assert_close(va, vb, rtol=1e-12, atol=1e-13)
+        assert_all_close(ga, gb, rtol=1e-9, atol=1e-11, what=f"{body} {kind} {mode}")
+    truncated = FunctionalEngine(truncate_steps=1)
+    va, ga = meta_grads(truncated, model, batch, lr, ONLINE_1, "online", "second_order")
+    vb, gb = meta_grads(
+        FunctionalEngine(truncate_steps=1, hand_backward=False), model, batch, lr, ONLINE_1,
+        "online", "second_order",
+    )  # fmt: skip
+    assert_all_close(ga, gb, rtol=1e-9, atol=1e-11, what=f"{body} truncated")
+    assert calls["segment"] > 0 and calls["query"] > 0
+
+
+@pytest.mark.parametrize("spec", [CLASSES, BITS], ids=["classes", "bits"])
+def test_hand_backward_with_embeddings_cross_entropy_and_bits(spec, monkeypatch):
+    """Embedding tables (row tangents, scatter-add R-backward) and the curvature of the
+    cross-entropy and Bernoulli losses, against the generic ``vmap_grad`` path."""
+    calls = _hand_calls(monkeypatch)
+    model = make_model(spec, body=functools.partial(MLP, hidden_sizes=[6], activation="tanh"))
+    batch = make_batch(spec, num_tasks=3, support=5, query=None, lengths=[5, 2, 4])
+    if spec is BITS:
+        g = torch.Generator().manual_seed(5)
+        x = torch.stack([torch.randint(0, n, (3, 5), generator=g) for n in BITS.input_sizes], -1)
+        batch = TaskBatch(x, torch.randint(0, 2, (3, 5), generator=g).double(), batch.support_mask)
+    lr = make_lr(model, "per_tensor")
+    for sched in (ONLINE_1, ONLINE_2):
+        va, ga = meta_grads(
+            FunctionalEngine(), model, batch, lr, sched, "online", "second_order", spec
+        )
+        vb, gb = meta_grads(REFERENCE, model, batch, lr, sched, "online", "second_order", spec)
+        torch.testing.assert_close(va, vb, rtol=1e-12, atol=1e-13)
+        assert_all_close(ga, gb, what=f"{spec.output_kind}")
+    assert calls["segment"] > 0
+
+
+def test_hand_backward_matches_finite_differences():
+    """A directional derivative of second-order MAML's query objective (two inner steps,
+    learned per-tensor rates) through the hand-written pass, against central differences."""
+    from helpers import directional_fd
+
+    model = make_model(body=HAND_BODIES["mlp_tanh"])
+    batch = make_batch(lengths=PADDED_LENGTHS)
+    lr = make_lr(model, "per_tensor", init=0.05)
+    engine = FunctionalEngine()
+    sched = InnerSchedule(num_steps=2)
+    params = list(model.parameters()) + list(lr.parameters())
+    g = torch.Generator().manual_seed(3)
+    direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+    _, grads = meta_grads(engine, model, batch, lr, sched, "query", "second_order")
+    analytic = sum(float((a * d).sum()) for a, d in zip(grads, direction))
+
+    def value():
+        with torch.no_grad(), torch.enable_grad():
+            return run_objective(engine, model, batch, lr, sched, "query", "none")
+
+    numeric = directional_fd(value, params, direction)
+    assert abs(analytic - numeric) <= 1e-7 * max(1.0, abs(numeric)), (analytic, numeric)
+
+
+def test_hand_backward_coverage_and_double_backward_error(monkeypatch):
+    """GELU has no hand-written curvature: that model keeps the autograd graph. The hand
+    pass is not differentiable: create_graph=True through it is a clear error."""
+    calls = _hand_calls(monkeypatch)
+    batch = make_batch()
+    gelu = make_model(body=BODIES["mlp_gelu"][0])
+    meta_grads(
+        FunctionalEngine(), gelu, batch, make_lr(gelu), QUERY_SCHEDULE, "query", "second_order"
+    )
+    assert calls == {"segment": 0, "query": 0}
+    model = make_model()
+    loss = run_objective(
+        FunctionalEngine(), model, batch, make_lr(model), QUERY_SCHEDULE, "query", "second_order"
+    )
+    torch.autograd.grad(loss, [model.head.weight])
+    assert calls == {"segment": 1, "query": 1}
+    loss = run_objective(
+        FunctionalEngine(), model, batch, make_lr(model), QUERY_SCHEDULE, "query", "second_order"
+    )
+    with pytest.raises(RuntimeError, match="not differentiable.*hand_backward=False"):
+        torch.autograd.grad(loss, [model.head.weight], create_graph=True)

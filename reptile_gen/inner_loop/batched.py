@@ -63,6 +63,33 @@ def _shared(t: torch.Tensor) -> bool:
     return t.dim() > 0 and t.stride(0) == 0
 
 
+def _matmul(h: torch.Tensor, w: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """``h @ w[b]`` (``w[b].T`` with ``transpose``) per task, one ``matmul`` when all
+    tasks share ``w``."""
+    if _shared(w):
+        w0 = w[0]
+        return torch.matmul(h, w0.t() if transpose else w0)
+    return _bmm(h, w.transpose(1, 2) if transpose else w)
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``bmm``, as a broadcast product when the contracted size is 1 (a 1-input or
+    1-output layer: ``bmm`` of an outer product is several times slower)."""
+    if a.shape[2] == 1:
+        return a * b
+    return torch.bmm(a, b)
+
+
+def _bmm_tn(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``d[b].T @ h[b]`` per task (a weight gradient), without ``bmm`` when either
+    side has width 1."""
+    if h.shape[2] == 1:
+        return (d * h).sum(1).unsqueeze(2)
+    if d.shape[2] == 1:
+        return (d * h).sum(1).unsqueeze(1)
+    return torch.bmm(d.transpose(1, 2), h)
+
+
 # ------------------------------------------------------------------------------ layers
 class _Layer:
     """One batched layer. ``forward`` returns the output and what ``backward`` needs;
@@ -70,12 +97,26 @@ class _Layer:
     and returns the gradient w.r.t. the input (None if ``need_input`` is False)."""
 
     analytic = False
+    #: has the R-operators (``tangent``, ``rbackward``) of the hand-written second-order
+    #: reverse pass (:mod:`.second_order`)
+    rop = False
     params: tuple[str, ...] = ()
 
     def forward(self, p: dict, h: torch.Tensor, share: bool):
         raise NotImplementedError
 
     def backward(self, p: dict, d: torch.Tensor, saved, grads: dict, need_input: bool):
+        raise NotImplementedError
+
+    def tangent(self, p: dict, v: dict | None, r: torch.Tensor | None, saved):
+        """Forward-mode derivative: the output's tangent given the input's ``r`` and the
+        parameters' ``v`` (None: zero). Returns ``(r_out, rsaved)``."""
+        raise NotImplementedError
+
+    def rbackward(self, p, v, d, rd, saved, rsaved, rgrads: dict, need_input: bool):
+        """Tangent of :meth:`backward`: given the output gradient ``d`` it had and that
+        gradient's tangent ``rd``, adds the parameter gradients' tangents to ``rgrads``
+        and returns the input gradient's tangent."""
         raise NotImplementedError
 
 
@@ -94,19 +135,51 @@ class _Linear(_Layer):
             # one weight for all tasks: a single matmul over all tasks' inputs
             out = F.linear(h, w[0], None if b is None else b[0])
         elif b is None:
-            out = torch.bmm(h, w.transpose(1, 2))
+            out = _bmm(h, w.transpose(1, 2))
+        elif h.shape[2] == 1:  # one input feature: an outer product plus the bias
+            out = torch.addcmul(b.unsqueeze(1), h, w.transpose(1, 2))
         else:
             out = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
         return out, h
 
     def backward(self, p, d, h, grads, need_input):
-        grads[self.w] = torch.bmm(d.transpose(1, 2), h)
+        grads[self.w] = _bmm_tn(d, h)
         if self.b is not None:
             grads[self.b] = d.sum(1)
         if not need_input:
             return None
-        w = p[self.w]
-        return torch.matmul(d, w[0]) if _shared(w) else torch.bmm(d, w)
+        return _matmul(d, p[self.w], transpose=False)
+
+    rop = True
+
+    def tangent(self, p, v, r, h):
+        out = None if r is None else _matmul(r, p[self.w], transpose=True)
+        if v is not None:
+            out = _add(out, _bmm(h, v[self.w].transpose(1, 2)))
+            if self.b is not None:
+                out = out + v[self.b].unsqueeze(1)
+        return out, r
+
+    def rbackward(self, p, v, d, rd, h, r, rgrads, need_input):
+        if rd is not None:
+            rgrads[self.w] = _bmm_tn(rd, h)
+            if self.b is not None:
+                rgrads[self.b] = rd.sum(1)
+        if r is not None:
+            rgrads[self.w] = _add(rgrads.get(self.w), _bmm_tn(d, r))
+        if not need_input:
+            return None
+        out = None if rd is None else _matmul(rd, p[self.w], transpose=False)
+        if v is not None:
+            out = _add(out, _bmm(d, v[self.w]))
+        return out
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """``a + b`` where None is zero."""
+    if a is None:
+        return b
+    return a if b is None else a + b
 
 
 class _Activation(_Layer):
@@ -144,6 +217,28 @@ class _Activation(_Layer):
             return d * (s * (1 + saved * (1 - s)))
         return d
 
+    @property
+    def rop(self):  # second derivatives written out for these
+        return self.kind in (nn.ReLU, nn.Tanh, nn.Identity)
+
+    def tangent(self, p, v, r, out):
+        if r is None or self.kind is nn.Identity:
+            return r, r
+        if self.kind is nn.ReLU:
+            return torch.ops.aten.threshold_backward(r, out, 0), None
+        return torch.ops.aten.tanh_backward(r, out), r  # tanh
+
+    def rbackward(self, p, v, d, rd, out, r, rgrads, need_input):
+        if self.kind is nn.Identity:
+            return rd
+        if self.kind is nn.ReLU:  # piecewise linear: no curvature term
+            return None if rd is None else torch.ops.aten.threshold_backward(rd, out, 0)
+        # tanh: d/dz [(1 - t^2) d] = (1 - t^2) rd - 2 t (1 - t^2) r d
+        out_d = None if rd is None else torch.ops.aten.tanh_backward(rd, out)
+        if r is None:
+            return out_d
+        return _add(out_d, torch.ops.aten.tanh_backward(r * d, out) * (-2 * out))
+
 
 _ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.GELU, nn.SiLU, nn.Identity)
 
@@ -167,6 +262,24 @@ class _Sine(_Layer):
         linear_saved, pre = saved
         dz = d * (self.module.w0 * torch.cos(pre))
         return self.linear.backward(p, dz, linear_saved, grads, need_input)
+
+    rop = True
+
+    def tangent(self, p, v, r, saved):
+        linear_saved, pre = saved
+        rz, linear_r = self.linear.tangent(p, v, r, linear_saved)
+        if rz is None:
+            return None, (linear_r, None)
+        return rz * (self.module.w0 * torch.cos(pre)), (linear_r, rz)
+
+    def rbackward(self, p, v, d, rd, saved, rsaved, rgrads, need_input):
+        (linear_saved, pre), (linear_r, rz) = saved, rsaved or (None, None)
+        w0 = self.module.w0
+        dz = d * (w0 * torch.cos(pre))
+        rdz = None if rd is None else rd * (w0 * torch.cos(pre))
+        if rz is not None:  # curvature: d/dz [w0 cos(w0 z)] = -w0^2 sin(w0 z)
+            rdz = _add(rdz, d * rz * (-(w0**2) * torch.sin(pre)))
+        return self.linear.rbackward(p, v, dz, rdz, linear_saved, linear_r, rgrads, need_input)
 
 
 class _Embeddings(_Layer):
@@ -206,15 +319,37 @@ class _Embeddings(_Layer):
             grads[name] = d.new_zeros(table.shape).scatter_add(1, index, di)
         return None
 
+    rop = True
+
+    def tangent(self, p, v, r, x):
+        if v is None:
+            return None, None
+        rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
+        outs = [v[name][rows, x[..., i]] for i, name in enumerate(self.params)]
+        return (torch.cat(outs, -1) if len(outs) > 1 else outs[0]), None
+
+    def rbackward(self, p, v, d, rd, x, r, rgrads, need_input):
+        if rd is not None:
+            self.backward(p, rd, x, rgrads, need_input=False)
+        return None
+
 
 class _Identity(_Layer):
     analytic = True
+
+    rop = True
 
     def forward(self, p, h, share):
         return h, None
 
     def backward(self, p, d, saved, grads, need_input):
         return d
+
+    def tangent(self, p, v, r, saved):
+        return r, None
+
+    def rbackward(self, p, v, d, rd, saved, rsaved, rgrads, need_input):
+        return rd
 
 
 class _GatedLinear(_Layer):
@@ -346,11 +481,16 @@ class BatchedModel:
                 saved.append(s)
         return h, saved
 
-    def backward(self, p: dict, d: torch.Tensor, saved: list) -> dict:
+    def backward(self, p: dict, d: torch.Tensor, saved: list, deltas: list | None = None) -> dict:
         """Gradients ``{name: [B, ...]}`` of the loss whose gradient w.r.t. the output
-        is ``d`` (analytic models only)."""
+        is ``d`` (analytic models only). ``deltas``, if given, receives the gradient
+        w.r.t. each layer's output, in layer order."""
         grads: dict = {}
+        if deltas is not None:
+            deltas[:] = [None] * len(self.layers)
         for i in reversed(range(len(self.layers))):
+            if deltas is not None:
+                deltas[i] = d
             d = self.layers[i].backward(p, d, saved[i], grads, need_input=i > 0)
         return grads
 
@@ -464,6 +604,7 @@ class BatchedRunner:
         track_query,
         path: str,
         batched: BatchedModel | None,
+        hand_backward: bool = True,
     ) -> None:
         self.model = model
         self.names = names
@@ -476,6 +617,13 @@ class BatchedRunner:
         self.batched = batched
         self.buffers = dict(model.named_buffers()) if path == "vmap" else {}
         self.loss_grad = closed_form_loss(loss_fn) if path == "analytic" else None
+        from reptile_gen.inner_loop import second_order
+
+        #: the hand-written reverse pass (:mod:`.second_order`) replaces the autograd graph
+        self.hand = (
+            second_order if hand_backward and second_order.supports(batched, self.loss_grad)
+            else None
+        )  # fmt: skip
 
     # -------------------------------------------------------------- forward
     def forward(self, params: list, x: torch.Tensor, keep: bool = False, share: bool = True):
@@ -495,6 +643,8 @@ class BatchedRunner:
 
     def _query(self, params, query):
         qx, qy = query
+        if self.hand is not None and torch.is_grad_enabled() and _needs_grad(params):
+            return self.hand.HandQuery.apply(self, qx, qy, *params)
         return self.loss_fn(self.forward(params, qx)[0], qy).mean(1)
 
     def _chunked(self, fn, params, query):
@@ -579,6 +729,10 @@ class BatchedRunner:
         graph = grad_on and (
             any(p.requires_grad for p in params) or any(r.requires_grad for r in rate_tensors)
         )
+        if self.hand is not None and graph and not track_query and steps:
+            return self.hand.HandSegment.apply(
+                self, steps, data, len(params), *params, *rate_tensors
+            )
         step_losses, element_losses, query_losses = [], [], []
         for start, end, record, first_order in steps:
             x, y = sx[:, start:end], sy[:, start:end]
@@ -604,6 +758,10 @@ class BatchedRunner:
             torch.cat(element_losses, 1) if element_losses else zero,
             torch.stack(query_losses, 1) if query_losses else zero,
         )
+
+
+def _needs_grad(tensors) -> bool:
+    return any(t.requires_grad for t in tensors)
 
 
 def _sgd(p: torch.Tensor, g: torch.Tensor, rate) -> torch.Tensor:

@@ -88,6 +88,9 @@ class FunctionalEngine(InnerLoopEngine):
             all of them).
         path: how tasks are batched (see the module docstring); ``auto`` picks
             ``analytic``, ``autograd`` or ``vmap`` from the model's modules.
+        hand_backward: on the ``analytic`` path, backpropagate through the inner loop
+            with the hand-written reverse pass of :mod:`.second_order` where it covers
+            the model and loss (False: autograd's graph of the same ops; both exact).
     """
 
     name = "functional"
@@ -98,6 +101,7 @@ class FunctionalEngine(InnerLoopEngine):
         checkpoint_segments: int | str | None = None,
         truncate_steps: int | None = None,
         path: str = "auto",
+        hand_backward: bool = True,
     ) -> None:
         num_segments(checkpoint_segments, 1)  # validates
         check_truncate_steps(truncate_steps)
@@ -107,6 +111,7 @@ class FunctionalEngine(InnerLoopEngine):
         self.checkpoint_segments = checkpoint_segments
         self.truncate_steps = truncate_steps
         self.path = path
+        self.hand_backward = hand_backward
 
     def resolve_path(self, model: nn.Module, names: list[str] | None = None) -> tuple[str, object]:
         """``(path, compiled model or None)`` this engine runs ``model`` with."""
@@ -169,8 +174,9 @@ class FunctionalEngine(InnerLoopEngine):
             runner = _SegmentRunner(model, names, loss_fn, rates, self.chunk_size, track)
         else:
             runner = BatchedRunner(
-                model, names, loss_fn, rates, self.chunk_size, track, path, batched
-            )
+                model, names, loss_fn, rates, self.chunk_size, track, path, batched,
+                hand_backward=self.hand_backward,
+            )  # fmt: skip
         data = (batch.support_x, batch.support_y, batch.support_mask)
         query = (batch.query_x, batch.query_y) if batch.has_query else None
 
