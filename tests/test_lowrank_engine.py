@@ -360,3 +360,75 @@ def test_sampler_replays_the_lowrank_inner_loop(make_cfg):
     result = OnlineSampler(module).feed(batch.support_x, batch.support_y, batch.support_mask)
     losses = result.element_losses(module.task_spec)
     torch.testing.assert_close(losses, expected, rtol=1e-10, atol=1e-12)
+
+
+# -------------------------------------------------------------- idle (padding-only) steps
+#: tasks out of length order, one empty: the engine sorts them by last active step and
+#: runs each step on the tasks that still have real elements
+UNSORTED_LENGTHS = [2, 6, 0, 5, 3]
+
+
+def _poisoned_history(monkeypatch):
+    """History buffers filled with NaN (and out-of-range indices): rows of idle steps that
+    a step skips must never be read unwritten."""
+    original = lowrank_module._Run.new_history
+
+    def new_history(self):
+        out = original(self)
+        for a, d in out:
+            a.fill_(10**9) if a.dtype == torch.long else a.fill_(float("nan"))
+            d.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(lowrank_module._Run, "new_history", new_history)
+
+
+@pytest.mark.parametrize("spec", ["continuous", "classes"])
+def test_idle_steps_are_skipped_exactly(spec, monkeypatch):
+    """Padding-only steps of a task are skipped (the step runs on the active prefix of
+    the sorted tasks); losses, adapted weights, their mean and first-, second-order and
+    checkpointed meta-gradients stay the functional engine's, in the original task order."""
+    _poisoned_history(monkeypatch)
+    sizes = []
+    original_step = lowrank_module._Run.step
+
+    def step(self, env, small, pieces, x, *rest):
+        sizes.append(x.shape[0])
+        return original_step(self, env, small, pieces, x, *rest)
+
+    monkeypatch.setattr(lowrank_module._Run, "step", step)
+    spec = CONTINUOUS if spec == "continuous" else CLASSES
+    model = make_model(spec)
+    batch = make_batch(spec, num_tasks=5, support=6, query=None, lengths=UNSORTED_LENGTHS)
+    lr = make_lr(model, "per_tensor")
+    _no_graph_results(model, batch, lr, ONLINE_1, spec)
+    # one element per step: step i runs on the tasks longer than i
+    assert sizes[:6] == [4, 4, 3, 2, 2, 1]
+    truncated = make_engine("functional", truncate_steps=2)
+    for grad_mode, ref, engine in [
+        ("first_order", FUNCTIONAL, LOWRANK),
+        ("second_order", FUNCTIONAL, LOWRANK),
+        ("second_order", FUNCTIONAL, make_engine("lowrank", checkpoint_segments=2)),
+        ("second_order", truncated, make_engine("lowrank", truncate_steps=2)),
+    ]:
+        va, ga = meta_grads(ref, model, batch, lr, ONLINE_1, "online", grad_mode, spec)
+        vb, gb = meta_grads(engine, model, batch, lr, ONLINE_1, "online", grad_mode, spec)
+        torch.testing.assert_close(vb, va, **TIGHT)
+        assert_all_close(gb, ga, what=f"idle steps {grad_mode}")
+
+
+def test_idle_steps_with_query_tracking(monkeypatch):
+    """Query losses after every step (idle tasks included) and chunked runs."""
+    _poisoned_history(monkeypatch)
+    model = make_model()
+    batch = make_batch(num_tasks=5, support=6, lengths=UNSORTED_LENGTHS)
+    lr = make_lr(model, "scalar")
+    _no_graph_results(model, batch, lr, ONLINE_2)
+    with torch.enable_grad():
+        kw = {"track_query": True, "return_adapted": "mean"}
+        a = _run(LOWRANK, model, batch, lr, ONLINE_1, "none", **kw)
+        b = _run(LowRankEngine(chunk_size=2), model, batch, lr, ONLINE_1, "none", **kw)
+    for field in ("step_losses", "element_losses", "query_losses"):
+        torch.testing.assert_close(getattr(b, field), getattr(a, field), **TIGHT)
+    for name, phi in a.adapted_mean.items():
+        torch.testing.assert_close(b.adapted_mean[name], phi, **TIGHT)

@@ -131,17 +131,60 @@ class LowRankEngine(InnerLoopEngine):
         _check_learned(lr.learned)
         if return_adapted not in (False, True, "mean"):
             raise ValueError(f"return_adapted={return_adapted!r}; allowed: False, True, 'mean'")
+        # tasks sorted by their last step with a real element: the tasks still active at
+        # a step are then a prefix of the batch, and the steps run on that prefix only
+        order = _task_order(batch.support_mask, schedule)
+        if order is not None:
+            batch = batch[order]
         num_tasks = batch.num_tasks
         if self.chunk_size is None or num_tasks <= self.chunk_size:
-            return _Run(self, model, batch, loss_fn, lr, schedule, grad_mode).result(
+            result = _Run(self, model, batch, loss_fn, lr, schedule, grad_mode).result(
                 track_query, return_adapted
             )
-        parts = []
-        for i in range(0, num_tasks, self.chunk_size):
-            chunk = batch[i : i + self.chunk_size]
-            run = _Run(self, model, chunk, loss_fn, lr, schedule, grad_mode)
-            parts.append(run.result(track_query, return_adapted))
-        return _concat_results(parts, num_tasks)
+        else:
+            parts = []
+            for i in range(0, num_tasks, self.chunk_size):
+                chunk = batch[i : i + self.chunk_size]
+                run = _Run(self, model, chunk, loss_fn, lr, schedule, grad_mode)
+                parts.append(run.result(track_query, return_adapted))
+            result = _concat_results(parts, num_tasks)
+        return result if order is None else _reorder(result, torch.argsort(order))
+
+
+def _last_active(mask: torch.Tensor, slices: list[tuple[int, int]]) -> torch.Tensor:
+    """``[B]`` index of each task's last step with a real (unmasked) element, -1 if none.
+    A step whose elements are all padding is a no-op for the task (zero loss, zero
+    gradient), so nothing needs to run for it."""
+    last = torch.full(mask.shape[:1], -1, dtype=torch.long, device=mask.device)
+    for i, (s, e) in enumerate(slices):
+        if e > s:
+            last = torch.where(mask[:, s:e].any(1), i, last)
+    return last
+
+
+def _task_order(mask: torch.Tensor, schedule: InnerSchedule) -> torch.Tensor | None:
+    """Task order by last active step, descending (None: already in that order)."""
+    last = _last_active(mask, schedule.slices(mask.shape[1]))
+    if last.numel() < 2 or bool((last[:-1] >= last[1:]).all()):
+        return None
+    return torch.argsort(last, descending=True, stable=True)
+
+
+def _reorder(result: InnerLoopResult, index: torch.Tensor) -> InnerLoopResult:
+    """``result`` with its per-task rows taken in ``index`` order."""
+
+    def pick(t):
+        return None if t is None else t[index]
+
+    return InnerLoopResult(
+        step_losses=pick(result.step_losses),
+        element_losses=pick(result.element_losses),
+        query_losses=pick(result.query_losses),
+        adapted=None
+        if result.adapted is None
+        else {k: v[index] for k, v in result.adapted.items()},
+        adapted_mean=result.adapted_mean,
+    )
 
 
 def _concat_results(parts: list[InnerLoopResult], num_tasks: int) -> InnerLoopResult:
@@ -337,6 +380,17 @@ class _Run:
             _pad(batch.support_mask, padded),
         )
         self.query = (batch.query_x, batch.query_y) if batch.has_query else None
+        # tasks still active at each step (a prefix of the batch when it is ordered by
+        # last active step, see LowRankEngine.run; all tasks otherwise)
+        last = _last_active(self.mask, [(s.start, s.start + s.count) for s in self.steps])
+        self.live_steps: list[int] | None = None  # per task: steps up to its last active one
+        if num_tasks < 2 or bool((last[:-1] >= last[1:]).all()):
+            steps_index = torch.arange(num_steps, device=last.device)
+            self.active = (last[None, :] >= steps_index[:, None]).sum(1).tolist()
+            if self.active and self.active[-1] < num_tasks:
+                self.live_steps = (last + 1).tolist()
+        else:
+            self.active = [num_tasks] * num_steps
         self.graph = torch.is_grad_enabled() and grad_mode != "none"
         self.grad_mode = grad_mode if self.graph else "none"
         self.segments = 1
@@ -450,7 +504,7 @@ class _Run:
                 (first- and second-order runs); otherwise everything returned is detached.
             differentiable: the gradients themselves carry a graph (second order).
         """
-        b = self.num_tasks
+        b = x.shape[0]
         small = [p if p.requires_grad else p.detach().requires_grad_() for p in small]
         probes = [
             torch.zeros(b, *s.probe_shape, dtype=self.dtype, device=self.device, requires_grad=True)
@@ -523,8 +577,31 @@ class _Run:
             out.append((a, d))
         return out
 
+    def idle_tails(self, history, upto: int | None = None) -> None:
+        """Zero the history rows of steps after each task's last active one (before step
+        ``upto``; None: all): the steps skip those tasks and write nothing there, and
+        the rows (zero gradients, finite inputs) are only read by calls over all tasks
+        (query losses, per-task adapted weights, second-order steps)."""
+        if self.live_steps is None:
+            return
+        upto = self.num_steps if upto is None else upto
+        for (a, d), s in zip(history, self.sites):
+            for b, live in enumerate(self.live_steps):
+                if live < upto:
+                    a.data[b, live * s.rows : upto * s.rows] = 0
+                    d.data[b, live * s.rows : upto * s.rows] = 0
+
     def buffered(
-        self, env, small, steps, history, outs, keep_graph, in_place=False, snapshots=None
+        self,
+        env,
+        small,
+        steps,
+        history,
+        outs,
+        keep_graph,
+        in_place=False,
+        snapshots=None,
+        tails=True,
     ):
         """Run ``steps`` (indices) whose history rows are constants (no graph through
         them: ``none``, first-order and truncated steps, the checkpointed forward),
@@ -532,38 +609,54 @@ class _Run:
         losses; ``snapshots`` (``{step: list}``) receives copies of the small parameters
         before the listed steps. Returns the small parameters after the steps.
 
+        A step runs on the tasks still active (a prefix, see ``active``); the rows of
+        the others are zeroed at the end (``tails``; False: left unwritten, for a caller
+        that reads only the live rows, see :meth:`idle_tails`).
+
         The writes go through ``.data``: autograd may hold views of the rows already
         written (first-order losses depend on them), and the buffer is append-only, so
         those rows never change; ``.data`` keeps the version check from flagging it.
         """
         writers = [(a.data, d.data) for a, d in history]
+        b = self.num_tasks
         for i in steps:
             if snapshots is not None and i in snapshots:
                 snapshots[i] = [p.clone() for p in small]
             step = self.steps[i]
             rows = self._rows(i)
-            pieces = [[(a[:, :r], d[:, :r])] if r else [] for (a, d), r in zip(history, rows)]
-            g_small, deltas, elements, inputs = self.step(
-                env, small, pieces, *self.step_data(step), keep_graph, False
-            )
-            for (wa, wd), r, s, a, d in zip(writers, rows, self.sites, inputs, deltas):
-                wa[:, r : r + s.rows] = a.detach()
-                wd[:, r : r + s.rows] = d.detach()
-            if in_place:
-                for p, g, rate in zip(small, g_small, env.small_rates):
-                    if isinstance(rate, float):
-                        p.sub_(g, alpha=rate)
-                    else:
-                        p.sub_(rate * g)
-            else:
-                small = [
-                    p - rate * g.detach() for p, g, rate in zip(small, g_small, env.small_rates)
-                ]
+            n = self.active[i]  # the tasks [n:] have only padding left: no-op steps
+            elements = torch.zeros(0, self.width, dtype=self.dtype, device=self.device)
+            if n:
+                x, y, m = (t[:n] for t in self.step_data(step))
+                pieces = [[(a[:n, :r], d[:n, :r])] if r else [] for (a, d), r in zip(history, rows)]
+                part = [p[:n] for p in small] if n < b else small
+                g_small, deltas, elements, inputs = self.step(
+                    env, part, pieces, x, y, m, keep_graph, False
+                )
+                for (wa, wd), r, s, a, d in zip(writers, rows, self.sites, inputs, deltas):
+                    wa[:n, r : r + s.rows] = a.detach()
+                    wd[:n, r : r + s.rows] = d.detach()
+                if in_place:
+                    for p, g, rate in zip(small, g_small, env.small_rates):
+                        if isinstance(rate, float):
+                            p[:n].sub_(g, alpha=rate)
+                        else:
+                            p[:n].sub_(rate * g)
+                else:
+                    small = [
+                        _update_prefix(p, rate * g.detach(), n)
+                        for p, g, rate in zip(small, g_small, env.small_rates)
+                    ]
+            if n < b:
+                elements = torch.cat([elements, elements.new_zeros(b - n, self.width)])
             outs.add(self, step, elements)
             if outs.track_query:
+                self.idle_tails(history, i + 1)
                 upto = [r + s.rows for r, s in zip(rows, self.sites)]
                 pieces = [[(a[:, :r], d[:, :r])] for (a, d), r in zip(history, upto)]
                 outs.queries.append(self.query_loss(env, small, pieces))
+        if tails and steps:
+            self.idle_tails(history, steps[-1] + 1)
         return small
 
     def with_graph(self, env, small, base, steps, block, outs):
@@ -630,8 +723,10 @@ class _Run:
             if self.grad_mode == "none":
                 history = self.new_history()
                 small = [p.clone() for p in self.small0]
+                # Reptile's mean of the adapted weights reads the live rows only
+                tails = self.query is not None or return_adapted is True
                 small = self.buffered(
-                    env, small, range(self.num_steps), history, outs, False, in_place=True
+                    env, small, range(self.num_steps), history, outs, False, True, None, tails
                 )
                 pieces = [[h] for h in history]
                 steps_t, elements_t, queries_t = outs.stacked(self)
@@ -693,6 +788,18 @@ class _Run:
             flat = torch.nn.functional.pad(flat, (0, missing))
         return flat[:, : self.support_len]
 
+    def live_rows(self, site: _Site, a: torch.Tensor, d: torch.Tensor):
+        """The history rows ``(A, D)`` (``[B, R, ...]``) written by active steps, as
+        ``[N, ...]`` (the rows of idle steps may be unwritten); unchanged (flattened)
+        when every row is live or the rows are not a whole history."""
+        if self.live_steps is None or a.shape[1] != self.num_steps * site.rows:
+            return a.flatten(0, 1), d.flatten(0, 1)
+        rows = [live * site.rows for live in self.live_steps]
+        return (
+            torch.cat([t[:r] for t, r in zip(a, rows)]),
+            torch.cat([t[:r] for t, r in zip(d, rows)]),
+        )
+
     def adapted(self, env: _Env, small, pieces, mean: bool) -> dict[str, torch.Tensor]:
         """Adapted parameters ``{name: [B, ...]}``, or their task-mean ``{name: [...]}``
         (one GEMM per layer over all tasks' history rows)."""
@@ -701,17 +808,17 @@ class _Run:
         for site, w0, rate, site_pieces in zip(self.sites, env.weights, env.site_rates, pieces):
             total = None
             for a, d in site_pieces:
+                if mean:
+                    a, d = self.live_rows(site, a, d)  # [N, ...] rows of all tasks
                 if site.embedding:
                     if mean:
-                        u = torch.zeros_like(w0).index_add(
-                            0, a.reshape(-1), d.reshape(-1, d.shape[-1])
-                        )
+                        u = torch.zeros_like(w0).index_add(0, a, d)
                     else:
                         u = torch.zeros(b, *w0.shape, dtype=d.dtype, device=d.device).scatter_add(
                             1, a.unsqueeze(-1).expand(-1, -1, d.shape[-1]), d
                         )
                 elif mean:
-                    u = d.reshape(-1, d.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+                    u = d.T @ a
                 else:
                     u = torch.bmm(d.transpose(1, 2), a)
                 total = u if total is None else total + u
@@ -895,6 +1002,13 @@ def _fold(site: _Site, weight: torch.Tensor, a: torch.Tensor, d: torch.Tensor) -
         out = torch.zeros(a.shape[0], *weight.shape, dtype=d.dtype, device=d.device)
         return (out.scatter_add(1, a.unsqueeze(-1).expand(-1, -1, d.shape[-1]), d),)
     return (torch.bmm(d.transpose(1, 2), a),)
+
+
+def _update_prefix(p: torch.Tensor, step: torch.Tensor, n: int) -> torch.Tensor:
+    """``p`` with ``step`` subtracted from its first ``n`` tasks (out of place)."""
+    if n == p.shape[0]:
+        return p - step
+    return torch.cat([p[:n] - step, p[n:]])
 
 
 def _pad(t: torch.Tensor, length: int) -> torch.Tensor:
