@@ -151,6 +151,8 @@ class HandSegment(torch.autograd.Function):
         shared_rate = _shared_rate(rate_list)
         names, batched, loss_grad = runner.names, runner.batched, runner.loss_grad
         sx, sy, sm = data
+        # the inner gradients are kept only for the learned rates' gradients
+        keep_grads = any(t.requires_grad for t in rate_tensors)
         tape, step_losses, element_losses = [], [], []
         for start, end, record, first_order in steps:
             x, y = sx[:, start:end], sy[:, start:end]
@@ -161,7 +163,8 @@ class HandSegment(torch.autograd.Function):
                 batched, loss_grad, p, x, y, weights
             )
             grads = [grads[n] for n in names]
-            tape.append((p, y, weights, mask, record, first_order, pred, saved, deltas, g, grads))
+            kept = grads if keep_grads else None
+            tape.append((p, y, weights, mask, record, first_order, pred, saved, deltas, g, kept))
             step_losses.append((elements * weights).sum(1))
             if record:
                 element_losses.append(elements * mask)
