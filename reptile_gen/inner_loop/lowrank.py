@@ -38,6 +38,12 @@ Modes (``grad_mode``):
   plus its gradient plus one segment's graph. ``truncate_steps=k`` treats all but the last
   ``k`` updates as first-order, as in the functional engine.
 
+Idle steps: a step whose elements are all padding for a task is a no-op for it (zero
+loss, zero gradient). The engine sorts the tasks by their last step with a real element
+(results come back in the caller's order), so the tasks still active at a step are a
+prefix of the batch, and every step (with or without a graph) runs on that prefix only;
+the idle tasks get zero history rows (written only where a reader needs them).
+
 Limits (clear errors): plain SGD only; learned inner rates ``scalar`` or ``per_tensor``
 (a ``per_parameter`` rate matrix does not factor out of the sum); each low-rank layer
 must run once per forward pass.
@@ -691,18 +697,44 @@ class _Run:
                 out.append(list(base[j]) + ([prefix[j]] if prefix[j] is not None else []) + recent)
             return out
 
+        b = self.num_tasks
         for i in steps:
             step = self.steps[i]
-            g_small, deltas, elements, inputs = self.step(
-                env, small, pieces_now(), *self.step_data(step), True, not step.first_order
-            )
-            if step.first_order:
-                g_small = [g.detach() for g in g_small]
-                deltas = [d.detach() for d in deltas]
-                inputs = [a.detach() for a in inputs]
+            k = self.active[i]  # the tasks [k:] have only padding left: constant zero rows
+            if k:
+                pieces = pieces_now()
+                if k < b:
+                    pieces = [[tuple(t[:k] for t in pc) for pc in site] for site in pieces]
+                x, y, m = (t[:k] for t in self.step_data(step))
+                part = [p[:k] for p in small] if k < b else small
+                g_small, deltas, elements, inputs = self.step(
+                    env, part, pieces, x, y, m, True, not step.first_order
+                )
+                if step.first_order:
+                    g_small = [g.detach() for g in g_small]
+                    deltas = [d.detach() for d in deltas]
+                    inputs = [a.detach() for a in inputs]
+                small = [
+                    _update_prefix(p, rate * g, k)
+                    for p, g, rate in zip(small, g_small, env.small_rates)
+                ]
+            else:
+                elements = torch.zeros(0, self.width, dtype=self.dtype, device=self.device)
+                deltas = [
+                    torch.zeros(0, s.rows, s.out_width, dtype=self.dtype, device=self.device)
+                    for s in self.sites
+                ]
+                inputs = [
+                    torch.zeros(0, s.rows, dtype=torch.long, device=self.device)
+                    if s.embedding
+                    else torch.zeros(0, s.rows, s.in_width, dtype=self.dtype, device=self.device)
+                    for s in self.sites
+                ]
+            if k < b:
+                elements, *deltas = (_pad_tasks(t, b) for t in (elements, *deltas))
+                inputs = [_pad_tasks(t, b) for t in inputs]
             for j in range(n):
                 local[j].append((inputs[j], deltas[j]))
-            small = [p - rate * g for p, g, rate in zip(small, g_small, env.small_rates)]
             outs.add(self, step, elements)
             if outs.track_query:
                 outs.queries.append(self.query_loss(env, small, pieces_now()))
@@ -1002,6 +1034,12 @@ def _fold(site: _Site, weight: torch.Tensor, a: torch.Tensor, d: torch.Tensor) -
         out = torch.zeros(a.shape[0], *weight.shape, dtype=d.dtype, device=d.device)
         return (out.scatter_add(1, a.unsqueeze(-1).expand(-1, -1, d.shape[-1]), d),)
     return (torch.bmm(d.transpose(1, 2), a),)
+
+
+def _pad_tasks(t: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """``t`` (``[k, ...]``, the active tasks) with zero rows for the idle tasks after it."""
+    missing = num_tasks - t.shape[0]
+    return t if missing <= 0 else torch.cat([t, t.new_zeros(missing, *t.shape[1:])])
 
 
 def _update_prefix(p: torch.Tensor, step: torch.Tensor, n: int) -> torch.Tensor:
