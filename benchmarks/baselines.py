@@ -16,6 +16,7 @@ __all__ = [
     "plain_loop_maml_meta_loss",
     "vmap_reference_maml_meta_loss",
     "functional_vmap_grad_meta_loss",
+    "functional_graph_meta_loss",
 ]
 
 
@@ -114,3 +115,16 @@ def functional_vmap_grad_meta_loss(module, batch: TaskBatch):
         return module.meta_loss(batch)
     finally:
         engine.path = saved
+
+
+def functional_graph_meta_loss(module, batch: TaskBatch):
+    """The module's own meta-loss with the functional engine's hand-written reverse pass
+    through the inner loop turned off (``hand_backward=False``: autograd's graph of the
+    same ops), so that pass's speed-up comes from the same run."""
+    engine = module.engine
+    saved = engine.hand_backward
+    engine.hand_backward = False
+    try:
+        return module.meta_loss(batch)
+    finally:
+        engine.hand_backward = saved

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from benchmarks.baselines import (
+    functional_graph_meta_loss,
     functional_vmap_grad_meta_loss,
     plain_loop_maml_meta_loss,
     vmap_reference_maml_meta_loss,
@@ -219,6 +220,7 @@ for _steps in (1, 5):
                 "plain_loop": plain_loop_maml_meta_loss,
                 "vmap_reference": vmap_reference_maml_meta_loss,
                 "functional_vmap_grad": functional_vmap_grad_meta_loss,
+                "functional_graph": functional_graph_meta_loss,
             },
             bound="flops",
         )
@@ -277,6 +279,7 @@ register(
         # the algorithm group and the meta-batch change
         overrides=("experiment=text_reptile", "algorithm=maml", "task.meta_batch_size=8"),
         engines=("functional", "higher", "lowrank"),
+        baselines={"functional_graph": functional_graph_meta_loss},
         budget=SEQUENCE_BUDGET,
         **TINY_CHECK,
     )

@@ -72,22 +72,29 @@ def _matmul(h: torch.Tensor, w: torch.Tensor, transpose: bool) -> torch.Tensor:
     return _bmm(h, w.transpose(1, 2) if transpose else w)
 
 
-def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``bmm``, as a broadcast product when the contracted size is 1 (a 1-input or
-    1-output layer: ``bmm`` of an outer product is several times slower)."""
+def _bmm(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """``bmm`` (plus ``add``, if given, in the same op), as a broadcast product when the
+    contracted size is 1 (a 1-input or 1-output layer: ``bmm`` of an outer product is
+    several times slower)."""
     if a.shape[2] == 1:
-        return a * b
-    return torch.bmm(a, b)
+        return a * b if add is None else torch.addcmul(add, a, b)
+    if add is None:
+        return torch.bmm(a, b)
+    return torch.baddbmm(add, a, b)
 
 
-def _bmm_tn(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """``d[b].T @ h[b]`` per task (a weight gradient), without ``bmm`` when either
-    side has width 1."""
+def _bmm_tn(d: torch.Tensor, h: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """``d[b].T @ h[b]`` per task (a weight gradient; plus ``add`` if given), without
+    ``bmm`` when either side has width 1."""
     if h.shape[2] == 1:
-        return (d * h).sum(1).unsqueeze(2)
-    if d.shape[2] == 1:
-        return (d * h).sum(1).unsqueeze(1)
-    return torch.bmm(d.transpose(1, 2), h)
+        out = (d * h).sum(1).unsqueeze(2)
+    elif d.shape[2] == 1:
+        out = (d * h).sum(1).unsqueeze(1)
+    else:
+        if add is not None:
+            return torch.baddbmm(add, d.transpose(1, 2), h)
+        return torch.bmm(d.transpose(1, 2), h)
+    return out if add is None else out + add
 
 
 # ------------------------------------------------------------------------------ layers
@@ -155,9 +162,9 @@ class _Linear(_Layer):
     def tangent(self, p, v, r, h):
         out = None if r is None else _matmul(r, p[self.w], transpose=True)
         if v is not None:
-            out = _add(out, _bmm(h, v[self.w].transpose(1, 2)))
+            out = _bmm(h, v[self.w].transpose(1, 2), add=out)
             if self.b is not None:
-                out = out + v[self.b].unsqueeze(1)
+                out = out.add_(v[self.b].unsqueeze(1))
         return out, r
 
     def rbackward(self, p, v, d, rd, h, r, rgrads, need_input):
@@ -166,12 +173,12 @@ class _Linear(_Layer):
             if self.b is not None:
                 rgrads[self.b] = rd.sum(1)
         if r is not None:
-            rgrads[self.w] = _add(rgrads.get(self.w), _bmm_tn(d, r))
+            rgrads[self.w] = _bmm_tn(d, r, add=rgrads.get(self.w))
         if not need_input:
             return None
         out = None if rd is None else _matmul(rd, p[self.w], transpose=False)
         if v is not None:
-            out = _add(out, _bmm(d, v[self.w]))
+            out = _bmm(d, v[self.w], add=out)
         return out
 
 

@@ -154,10 +154,13 @@ class HandSegment(torch.autograd.Function):
         # the inner gradients are kept only for the learned rates' gradients
         keep_grads = any(t.requires_grad for t in rate_tensors)
         tape, step_losses, element_losses = [], [], []
+        masks: dict = {}  # few-shot steps revisit the same slice: its weights once
         for start, end, record, first_order in steps:
             x, y = sx[:, start:end], sy[:, start:end]
-            mask = sm[:, start:end].to(params[0].dtype)
-            weights = mask / mask.sum(1, keepdim=True).clamp(min=1)
+            if (start, end) not in masks:
+                mask = sm[:, start:end].to(params[0].dtype)
+                masks[start, end] = (mask, mask / mask.sum(1, keepdim=True).clamp(min=1))
+            mask, weights = masks[start, end]
             p = dict(zip(names, params))
             pred, saved, deltas, elements, g, grads = _forward_backward(
                 batched, loss_grad, p, x, y, weights
@@ -205,19 +208,26 @@ class HandSegment(torch.autograd.Function):
                 if slot is not None and wanted[slot]:
                     term = -_reduce_to(theta_bar[i] * grads[i], ctx.rate_tensors[slot])
                     rate_grads[slot] = term if rate_grads[slot] is None else rate_grads[slot] + term
-            v = None
-            if not first_order:
-                if ctx.shared_rate is not None:
-                    v = dict(zip(names, torch._foreach_mul(theta_bar, ctx.shared_rate)))
-                else:
-                    v = {name: tb * r for name, tb, r in zip(names, theta_bar, rate_list)}
-            seed = (c.unsqueeze(-1) * g).neg_()
+            # the R-pass is linear in (v, seed): with one fixed rate r, pass v = theta_bar
+            # and seed / r and scale the result by r (no per-tensor product r * theta_bar)
+            scale = ctx.shared_rate if not first_order and ctx.shared_rate else None
+            if first_order:
+                v = None
+            elif scale is not None:
+                v = dict(zip(names, theta_bar))
+            else:
+                v = {name: tb * r for name, tb, r in zip(names, theta_bar, rate_list)}
+            seed = c.unsqueeze(-1) * g
+            seed = seed.mul_(-1.0 / scale) if scale is not None else seed.neg_()
             rg = _rpass(batched, curvature, p, v, pred, y, weights, saved, deltas, seed)
             if len(rg) == len(names):
-                theta_bar = torch._foreach_sub(theta_bar, [rg[name] for name in names])
+                theta_bar = torch._foreach_add(
+                    theta_bar, [rg[name] for name in names], alpha=-(scale or 1.0)
+                )
             else:
                 theta_bar = [
-                    tb if name not in rg else tb - rg[name] for name, tb in zip(names, theta_bar)
+                    tb if name not in rg else tb.add(rg[name], alpha=-(scale or 1.0))
+                    for name, tb in zip(names, theta_bar)
                 ]
         ctx.tape = None
         return (None, None, None, None, *theta_bar, *rate_grads)
