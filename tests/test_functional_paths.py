@@ -221,6 +221,9 @@ HAND_BODIES = {
     "mlp_relu": BODIES["mlp_relu"][0],
     "mlp_tanh": functools.partial(MLP, hidden_sizes=[6, 5], activation="tanh"),
     "siren": BODIES["siren"][0],
+    "mlp_gelu": BODIES["mlp_gelu"][0],
+    "mlp_silu": BODIES["mlp_silu"][0],
+    "mlp_gelu_tanh": None,  # GELU(approximate="tanh") swapped in below
 }
 
 
@@ -248,7 +251,9 @@ def test_hand_backward_equals_the_autograd_graph(body, learned, monkeypatch):
     for second-order, first-order and truncated MAML on the query and online objectives,
     with padding."""
     calls = _hand_calls(monkeypatch)
-    model = make_model(body=HAND_BODIES[body])
+    model = make_model(body=HAND_BODIES[body] or BODIES["mlp_gelu"][0])
+    if body == "mlp_gelu_tanh":
+        model.body.net[1] = nn.GELU(approximate="tanh")
     batch = make_batch(lengths=PADDED_LENGTHS)
     lr = make_lr(model, learned, init=0.005 if body == "siren" else 0.05)
     hand, graph = FunctionalEngine(path="analytic"), FunctionalEngine(hand_backward=False)
@@ -316,13 +321,25 @@ def test_hand_backward_matches_finite_differences():
 
 
 def test_hand_backward_coverage_and_double_backward_error(monkeypatch):
-    """GELU has no hand-written curvature: that model keeps the autograd graph. The hand
-    pass is not differentiable: create_graph=True through it is a clear error."""
+    """A loss without a closed-form curvature keeps the autograd graph. The hand pass is
+    not differentiable: create_graph=True through it is a clear error."""
     calls = _hand_calls(monkeypatch)
     batch = make_batch()
-    gelu = make_model(body=BODIES["mlp_gelu"][0])
+    model = make_model()
+
+    def loss(pred, target):
+        return torch.nn.functional.smooth_l1_loss(pred, target, reduction="none").sum(-1)
+
+    spec = type("Spec", (), {"elementwise_loss": staticmethod(loss)})
     meta_grads(
-        FunctionalEngine(), gelu, batch, make_lr(gelu), QUERY_SCHEDULE, "query", "second_order"
+        FunctionalEngine(),
+        model,
+        batch,
+        make_lr(model),
+        QUERY_SCHEDULE,
+        "query",
+        "second_order",
+        spec,
     )
     assert calls == {"segment": 0, "query": 0}
     model = make_model()

@@ -32,6 +32,7 @@ Every path computes what the generic path does (float64 parity tests).
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
@@ -224,27 +225,46 @@ class _Activation(_Layer):
             return d * (s * (1 + saved * (1 - s)))
         return d
 
-    @property
-    def rop(self):  # second derivatives written out for these
-        return self.kind in (nn.ReLU, nn.Tanh, nn.Identity)
+    rop = True  # every activation here has its second derivative written out below
 
-    def tangent(self, p, v, r, out):
+    def tangent(self, p, v, r, saved):
         if r is None or self.kind is nn.Identity:
             return r, r
         if self.kind is nn.ReLU:
-            return torch.ops.aten.threshold_backward(r, out, 0), None
-        return torch.ops.aten.tanh_backward(r, out), r  # tanh
+            return torch.ops.aten.threshold_backward(r, saved, 0), None
+        return self.backward(p, r, saved, None, True), r  # sigma'(z) r
 
-    def rbackward(self, p, v, d, rd, out, r, rgrads, need_input):
+    def rbackward(self, p, v, d, rd, saved, r, rgrads, need_input):
+        """``sigma'(z) rd + sigma''(z) r d``."""
         if self.kind is nn.Identity:
             return rd
         if self.kind is nn.ReLU:  # piecewise linear: no curvature term
-            return None if rd is None else torch.ops.aten.threshold_backward(rd, out, 0)
-        # tanh: d/dz [(1 - t^2) d] = (1 - t^2) rd - 2 t (1 - t^2) r d
-        out_d = None if rd is None else torch.ops.aten.tanh_backward(rd, out)
+            return None if rd is None else torch.ops.aten.threshold_backward(rd, saved, 0)
+        first = None if rd is None else self.backward(p, rd, saved, None, True)
         if r is None:
-            return out_d
-        return _add(out_d, torch.ops.aten.tanh_backward(r * d, out) * (-2 * out))
+            return first
+        return _add(first, self._second(saved) * (r * d))
+
+    def _second(self, saved) -> torch.Tensor:
+        """``sigma''(z)`` (from the saved output for tanh, the input otherwise)."""
+        if self.kind is nn.Tanh:  # d/dz (1 - t^2) = -2 t (1 - t^2)
+            return -2 * saved * (1 - saved * saved)
+        z = saved
+        if self.kind is nn.SiLU:  # s (1 - s) (2 + z (1 - 2 s))
+            s = torch.sigmoid(z)
+            return s * (1 - s) * (2 + z * (1 - 2 * s))
+        if self.module.approximate == "tanh":
+            # 0.5 z (1 + t), t = tanh(u), u = c (z + k z^3):
+            # (1 - t^2) u' + 0.5 z (1 - t^2) (u'' - 2 t u'^2)
+            c, k = math.sqrt(2 / math.pi), 0.044715
+            t = torch.tanh(c * (z + k * z**3))
+            du = c * (1 + 3 * k * z * z)
+            ddu = c * 6 * k * z
+            sech2 = 1 - t * t
+            return sech2 * du + 0.5 * z * sech2 * (ddu - 2 * t * du * du)
+        # exact GELU z Phi(z): phi(z) (2 - z^2)
+        phi = torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
+        return phi * (2 - z * z)
 
 
 _ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.GELU, nn.SiLU, nn.Identity)
