@@ -353,3 +353,57 @@ def test_hand_backward_coverage_and_double_backward_error(monkeypatch):
     )
     with pytest.raises(RuntimeError, match="not differentiable.*hand_backward=False"):
         torch.autograd.grad(loss, [model.head.weight], create_graph=True)
+
+
+def test_trailing_padding_steps_are_skipped_exactly(monkeypatch):
+    """Steps past the longest sequence of a batch see only padding: the engine skips
+    them, with the same losses (zeros for the skipped steps), element losses and
+    meta-gradients as running them, truncation and checkpointing included."""
+    from reptile_gen.inner_loop import functional
+
+    model = make_model(body=HAND_BODIES["mlp_tanh"])
+    batch = make_batch(num_tasks=3, support=5, query=4, lengths=[5, 3, 4])
+    pad = torch.zeros(3, 4, dtype=batch.support_x.dtype)
+    padded = TaskBatch(
+        torch.cat(
+            [batch.support_x, pad.unsqueeze(-1).expand(-1, -1, batch.support_x.shape[-1])], 1
+        ),
+        torch.cat(
+            [batch.support_y, pad.unsqueeze(-1).expand(-1, -1, batch.support_y.shape[-1])], 1
+        ),
+        torch.cat([batch.support_mask, torch.zeros(3, 4, dtype=torch.bool)], 1),
+        batch.query_x,
+        batch.query_y,
+    )
+    lr = make_lr(model, "per_tensor")
+    engines = (
+        FunctionalEngine(),
+        FunctionalEngine(truncate_steps=5),
+        FunctionalEngine(checkpoint_segments=2),
+        FunctionalEngine(path="vmap_grad"),
+    )
+    kw = {"track_query": True, "return_adapted": True}
+
+    def everything(engine):
+        with torch.enable_grad():
+            plain = engine.run(
+                model, padded, CONTINUOUS.elementwise_loss, lr, ONLINE_1, "none", **kw
+            )
+        grads = [
+            meta_grads(engine, model, padded, lr, ONLINE_1, kind, mode)
+            for kind in ("query", "online")
+            for mode in ("second_order", "first_order")
+        ]
+        return plain, grads
+
+    for engine in engines:
+        skipped = everything(engine)
+        with monkeypatch.context() as m:
+            m.setattr(functional, "_steps_with_data", lambda slices, mask: len(slices))
+            full = everything(engine)
+        _close(skipped[0], full[0], "no graph", rtol=1e-12, atol=1e-14)
+        assert skipped[0].step_losses.shape == (3, 9)
+        assert not skipped[0].step_losses[:, 5:].any()
+        for (va, ga), (vb, gb) in zip(skipped[1], full[1]):
+            torch.testing.assert_close(va, vb, rtol=1e-12, atol=1e-14)
+            assert_all_close(ga, gb, rtol=1e-10, atol=1e-13)

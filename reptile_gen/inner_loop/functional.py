@@ -180,10 +180,14 @@ class FunctionalEngine(InnerLoopEngine):
         data = (batch.support_x, batch.support_y, batch.support_mask)
         query = (batch.query_x, batch.query_y) if batch.has_query else None
 
+        # steps past the longest sequence of the batch only see padding: no loss, no
+        # update. They are skipped (their step losses are zeros, as they would be)
+        ran = _steps_with_data(slices, batch.support_mask)
+
         segments = 1
         if grad_mode == "second_order" and torch.is_grad_enabled():
-            segments = num_segments(self.checkpoint_segments, num_steps)
-        bounds = [round(i * num_steps / segments) for i in range(segments + 1)]
+            segments = num_segments(self.checkpoint_segments, ran)
+        bounds = [round(i * ran / segments) for i in range(segments + 1)]
 
         step_losses, element_losses, query_losses = [], [], []
         if query is not None and track_query:
@@ -214,6 +218,10 @@ class FunctionalEngine(InnerLoopEngine):
             if element_losses
             else batch.support_x.new_zeros((num_tasks, 0), dtype=step_losses[0].dtype)
         )
+        if ran < num_steps:
+            step_losses.append(step_losses[0].new_zeros((num_tasks, num_steps - ran)))
+            if query is not None and track_query:  # the skipped steps change nothing
+                query_losses.append(query_losses[-1][:, -1:].expand(-1, num_steps - ran))
         return InnerLoopResult(
             step_losses=torch.cat(step_losses, 1),
             element_losses=_pad_to(elements, batch.support_x.shape[1]),
@@ -347,6 +355,19 @@ class _CheckpointedSegment(torch.autograd.Function):
             None,
             *(next(grads) if t.requires_grad else None for t in inputs),
         )
+
+
+def _steps_with_data(slices: list[tuple[int, int]], mask: torch.Tensor) -> int:
+    """How many leading steps to run: all but the trailing ones whose elements are
+    padding in every task (all of them if no element is real)."""
+    active = mask.any(0).nonzero()
+    if active.numel() == 0:
+        return len(slices)
+    last = int(active[-1]) + 1
+    ran = len(slices)
+    while ran > 0 and slices[ran - 1][0] >= last:
+        ran -= 1
+    return ran
 
 
 def _pad_to(element_losses: torch.Tensor, length: int) -> torch.Tensor:
