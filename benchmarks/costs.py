@@ -14,15 +14,18 @@ model, the schedule and the batch, with
 * ``P`` = parameters per task, ``w`` = bytes per parameter (4 for float32);
 * ``B`` tasks, ``S`` inner steps of ``n`` elements each (few-shot: ``n = K`` support
   points; online: ``n = inner_batch_size``), ``Q`` query points when the meta-objective
-  is the query loss.
+  is the query loss;
+* ``T`` task-steps that hold at least one real element: ``B * S`` without padding; with
+  variable-length sequences padded to the batch's width (text), padding-only steps are
+  no work a meta-step must do (they change nothing) and are not counted.
 
-``flops = B * (S * n * c * F + q * Q * F)`` where an inner step's forward and backward
+``flops = T * n * c * F + B * q * Q * F`` where an inner step's forward and backward
 (weight and input gradients) cost ``3F`` per element, and the outer backward of
 second-order MAML differentiates through both (twice their cost again): ``c = 9``
 for second order, ``c = 3`` otherwise (first order, Reptile); ``q = 3`` (query forward
 and its backward) with a meta-gradient through the query loss, 0 without a query loss.
 
-``bytes = B * S * P * w * m``: every inner step must at least read and write each
+``bytes = T * P * w * m``: every inner step must at least read and write each
 task's own copy of its weights (``m = 2``); the outer backward of second-order MAML
 reads and writes them once more (``m = 4``). This is a lower bound for engines that
 hold per-task weight copies; an engine that does not (``lowrank``) can exceed the
@@ -88,19 +91,23 @@ def meta_step_cost(module, batch) -> dict:
     steps = len(slices)
     per_step = max((end - start) for start, end in slices) if slices else 0
     tasks = batch.num_tasks
+    # task-steps with at least one real (unpadded) element
+    mask = batch.support_mask
+    task_steps = int(sum(int(mask[:, a:b].any(1).sum()) for a, b in slices)) if slices else 0
     grad_mode = module.grad_mode
     second = grad_mode == "second_order"
     query = batch.query_x.shape[1] if batch.has_query and module.objective == "query" else 0
     query_factor = 3 if grad_mode != "none" and query else 0
     inner_factor = 9 if second else 3
-    flops = tasks * (steps * per_step * inner_factor * forward + query_factor * query * forward)
-    moved = tasks * steps * params * width * (4 if second else 2)
+    flops = task_steps * per_step * inner_factor * forward + tasks * query_factor * query * forward
+    moved = task_steps * params * width * (4 if second else 2)
     return {
         "flops": float(flops),
         "bytes": float(moved),
         "terms": {
             "B": tasks,
             "S": steps,
+            "T": task_steps,
             "n": per_step,
             "Q": query,
             "F": forward,
@@ -110,7 +117,7 @@ def meta_step_cost(module, batch) -> dict:
             "q": query_factor,
             "m": 4 if second else 2,
         },
-        "formulas": "flops = B*(S*n*c*F + q*Q*F); bytes = B*S*P*w*m (benchmarks/costs.py)",
+        "formulas": "flops = T*n*c*F + B*q*Q*F; bytes = T*P*w*m (benchmarks/costs.py)",
     }
 
 

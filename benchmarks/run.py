@@ -734,8 +734,9 @@ def main(argv=None) -> int:
             "reason says why)",
             "machine_rates": "float32 2048^2 matmul GFLOP/s and 256 MiB copy GB/s (read + "
             "write bytes), median of 5, with this run's threads (benchmarks/costs.py)",
-            "cost": "analytic FLOPs and bytes of one meta-step: flops = B*(S*n*c*F + "
-            "q*Q*F), bytes = B*S*P*w*m (terms and their meaning in benchmarks/costs.py)",
+            "cost": "analytic FLOPs and bytes of one meta-step: flops = T*n*c*F + "
+            "B*q*Q*F, bytes = T*P*w*m, T = task-steps holding a real element (terms and "
+            "their meaning in benchmarks/costs.py)",
             "achieved_gflops / achieved_gbs": "cost / median_s_per_step",
             "flops_fraction / bytes_fraction": "achieved rate / machine rate; bound says "
             "which one limits the workload (the table's % bound column)",

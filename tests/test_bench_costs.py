@@ -38,7 +38,7 @@ def test_reptile_sequence_bytes_by_hand():
     module, datamodule, _ = build(
         workload,
         "functional",
-        extra=["model.body.hidden_sizes=[8]", "model.embedding_dim=4", "task.max_len=6"],
+        extra=["model.body.hidden_sizes=[8]", "model.embedding_dim=4", "task.max_len=64"],
     )
     batch = _batches(workload, datamodule, module, 1, 0, "cpu")[0]
     cost = meta_step_cost(module, batch)
@@ -46,5 +46,8 @@ def test_reptile_sequence_bytes_by_hand():
     params = sum(p.numel() for p in module.model.parameters())
     assert (terms["n"], terms["c"], terms["q"], terms["m"]) == (1, 3, 0, 2)
     assert terms["S"] == batch.support_x.shape[1]
-    assert cost["bytes"] == batch.num_tasks * terms["S"] * params * 4 * 2
-    assert cost["flops"] == batch.num_tasks * terms["S"] * 3 * terms["F"]
+    # padding-only task-steps are not counted: T = the real elements (one per step)
+    real = int(batch.support_mask.sum())
+    assert terms["T"] == real < batch.num_tasks * terms["S"]
+    assert cost["bytes"] == real * params * 4 * 2
+    assert cost["flops"] == real * 3 * terms["F"]
