@@ -161,11 +161,16 @@ def _last_active(mask: torch.Tensor, slices: list[tuple[int, int]]) -> torch.Ten
     """``[B]`` index of each task's last step with a real (unmasked) element, -1 if none.
     A step whose elements are all padding is a no-op for the task (zero loss, zero
     gradient), so nothing needs to run for it."""
-    last = torch.full(mask.shape[:1], -1, dtype=torch.long, device=mask.device)
-    for i, (s, e) in enumerate(slices):
-        if e > s:
-            last = torch.where(mask[:, s:e].any(1), i, last)
-    return last
+    if not slices:
+        return torch.full(mask.shape[:1], -1, dtype=torch.long, device=mask.device)
+    # real elements before each position; a slice is active if the count grows over it
+    count = torch.nn.functional.pad(mask.long().cumsum(1), (1, 0))
+    length = mask.shape[1]
+    starts = torch.tensor([min(s, length) for s, _ in slices], device=mask.device)
+    ends = torch.tensor([min(max(s, e), length) for s, e in slices], device=mask.device)
+    active = count[:, ends] > count[:, starts]  # [B, T]
+    index = torch.arange(len(slices), device=mask.device)
+    return torch.where(active, index, -1).amax(1)
 
 
 def _task_order(mask: torch.Tensor, schedule: InnerSchedule) -> torch.Tensor | None:
