@@ -6,6 +6,9 @@ covers the model; all give the same numbers, see :mod:`.batched`):
 * ``analytic``: ``[B, ...]`` parameters, hand-batched forward and hand-written inner
   gradient (no double backward); chosen for models made of ``Linear``, elementwise
   activations, ``SineLayer`` and the input encoders (``mlp``, ``text_mlp``, ``siren``).
+  With a closed-form loss, the meta-gradient through the inner loop is a hand-written
+  reverse pass too (:mod:`.second_order`: Hessian-vector products by R-operators, no
+  autograd graph; ``hand_backward=False`` keeps autograd's graph instead).
 * ``autograd``: ``[B, ...]`` parameters, hand-batched forward, inner gradient from one
   ``torch.autograd.grad`` of the summed task losses; chosen for the other built-in
   bodies (``gated_mlp``, ``lstm_block`` with its LayerNorm).
@@ -13,6 +16,9 @@ covers the model; all give the same numbers, see :mod:`.batched`):
   other model.
 * ``vmap_grad``: the generic ``torch.func`` form, ``vmap`` over tasks of ``grad`` of a
   ``functional_call`` (the reference the others are tested against).
+
+Steps past the longest sequence of a batch (padding in every task) are skipped: they
+change nothing, and text batches padded to ``max_len`` = 128 hold ~47-byte lines.
 
 Long sequences (784 MNIST steps) make the second-order unroll too big to keep: each step
 holds a per-task copy of every parameter. Two remedies, chosen by config:
