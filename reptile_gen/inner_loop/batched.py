@@ -85,17 +85,16 @@ def _bmm(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None) -> t
 
 
 def _bmm_tn(d: torch.Tensor, h: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-    """``d[b].T @ h[b]`` per task (a weight gradient; plus ``add`` if given), without
-    ``bmm`` when either side has width 1."""
-    if h.shape[2] == 1:
-        out = (d * h).sum(1).unsqueeze(2)
-    elif d.shape[2] == 1:
-        out = (d * h).sum(1).unsqueeze(1)
+    """``d[b].T @ h[b]`` per task (a weight gradient; plus ``add`` if given). For a
+    1-input layer it is computed as the transpose of ``h[b].T @ d[b]``: ``bmm`` is several
+    times faster with the width-1 side first."""
+    flip = h.shape[2] == 1 and d.shape[2] != 1
+    a, b = (h.transpose(1, 2), d) if flip else (d.transpose(1, 2), h)
+    if add is None:
+        out = torch.bmm(a, b)
     else:
-        if add is not None:
-            return torch.baddbmm(add, d.transpose(1, 2), h)
-        return torch.bmm(d.transpose(1, 2), h)
-    return out if add is None else out + add
+        out = torch.baddbmm(add.transpose(1, 2) if flip else add, a, b)
+    return out.transpose(1, 2) if flip else out
 
 
 # ------------------------------------------------------------------------------ layers
