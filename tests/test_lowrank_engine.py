@@ -30,7 +30,7 @@ from helpers import (
 from torch import nn
 
 from reptile_gen.algorithms import MAML, Reptile
-from reptile_gen.inner_loop import LowRankEngine, make_engine
+from reptile_gen.inner_loop import LowRankEngine, lowrank_mlp, make_engine
 from reptile_gen.inner_loop import lowrank as lowrank_module
 from reptile_gen.models import MLP, GatedMLP, LSTMBlockStack, Siren
 from reptile_gen.sampling import OnlineSampler, check_sampleable
@@ -397,6 +397,13 @@ def test_idle_steps_are_skipped_exactly(spec, monkeypatch):
         return original_step(self, env, small, pieces, x, *rest)
 
     monkeypatch.setattr(lowrank_module._Run, "step", step)
+    fast_step = lowrank_mlp.MLPStepper.step
+
+    def fast(self, env, small, pieces, x, *rest):
+        sizes.append(x.shape[0])
+        return fast_step(self, env, small, pieces, x, *rest)
+
+    monkeypatch.setattr(lowrank_mlp.MLPStepper, "step", fast)
     spec = CONTINUOUS if spec == "continuous" else CLASSES
     model = make_model(spec)
     batch = make_batch(spec, num_tasks=5, support=6, query=None, lengths=UNSORTED_LENGTHS)
@@ -434,3 +441,70 @@ def test_idle_steps_with_query_tracking(monkeypatch):
         torch.testing.assert_close(getattr(b, field), getattr(a, field), **TIGHT)
     for name, phi in a.adapted_mean.items():
         torch.testing.assert_close(b.adapted_mean[name], phi, **TIGHT)
+
+
+# -------------------------------------------------------------- hand-written MLP step
+TWO_TABLES = type(CLASSES)("discrete", "classes", input_sizes=(4, 5), output_dim=5)
+BITS = type(CLASSES)("continuous", "bits", input_dim=3)
+
+
+def _stepper_of(model, batch, spec, lr, schedule=ONLINE_1):
+    run = lowrank_module._Run(LOWRANK, model, batch, spec.elementwise_loss, lr, schedule, "none")
+    return run.fast
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("spec", ["continuous", "classes", "two_tables", "bits"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_mlp_fast_step_matches(spec, activation, case, monkeypatch):
+    """The hand-written no-graph step (plain MLP: Reptile, evaluation, the checkpointed
+    forward) gives the functional engine's losses, adapted weights and their mean, and
+    the checkpointed second-order meta-gradient; the general step is not called."""
+    _, schedule = CASES[case]
+    spec = {"continuous": CONTINUOUS, "classes": CLASSES, "two_tables": TWO_TABLES, "bits": BITS}[
+        spec
+    ]
+    body = functools.partial(MLP, hidden_sizes=[6, 5], activation=activation)
+    model = make_model(spec, body=body)
+    query = 4 if case == "query3" else None
+    batch = make_batch(spec, num_tasks=4, support=6, query=query, lengths=[6, 2, 5, 3])
+    if spec is TWO_TABLES:  # two integer coordinates per element (e.g. pixel row, column)
+        g = torch.Generator().manual_seed(3)
+
+        def coords(t):
+            return torch.stack([torch.randint(0, k, t.shape[:2], generator=g) for k in (4, 5)], -1)
+
+        batch = batch.map(lambda t: t)
+        batch.support_x = coords(batch.support_x)
+        if query:
+            batch.query_x = coords(batch.query_x)
+    lr = make_lr(model, "per_tensor", init=0.1)
+    assert _stepper_of(model, batch, spec, lr, schedule) is not None
+
+    def general_step(*args, **kw):
+        raise AssertionError("the general step ran")
+
+    monkeypatch.setattr(lowrank_module._Run, "step", general_step)
+    _no_graph_results(model, batch, lr, schedule, spec)
+    monkeypatch.undo()
+    engine = make_engine("lowrank", checkpoint_segments=2)
+    kind = "query" if query else "online"
+    _, ga = meta_grads(FUNCTIONAL, model, batch, lr, schedule, kind, "second_order", spec)
+    _, gb = meta_grads(engine, model, batch, lr, schedule, kind, "second_order", spec)
+    assert_all_close(gb, ga, what="checkpointed forward on the fast step")
+
+
+def test_mlp_fast_step_is_used_only_for_plain_mlps():
+    lr_for = functools.partial(make_lr, learned="scalar")
+    batch = make_batch()
+    for body in ("mlp_relu", "mlp_tanh"):
+        model = make_model(body=BODIES[body])
+        assert _stepper_of(model, batch, CONTINUOUS, lr_for(model)) is not None
+    model = make_model(body=functools.partial(MLP, hidden_sizes=[6], activation="gelu"))
+    assert _stepper_of(model, batch, CONTINUOUS, lr_for(model)) is None
+    for body in ("gated_mlp", "lstm_block", "siren"):
+        model = make_model(body=BODIES[body])
+        assert _stepper_of(model, batch, CONTINUOUS, lr_for(model)) is None
+    model = make_model()
+    model.head.weight.requires_grad_(False)  # a frozen weight: not in low-rank form
+    assert _stepper_of(model, batch, CONTINUOUS, lr_for(model)) is None

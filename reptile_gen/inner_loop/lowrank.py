@@ -69,6 +69,7 @@ from reptile_gen.inner_loop.base import (
     masked_mean,
 )
 from reptile_gen.inner_loop.functional import check_truncate_steps, num_segments
+from reptile_gen.inner_loop.lowrank_mlp import mlp_stepper
 from reptile_gen.inner_loop.schedule import InnerLR, InnerSchedule, split_rates
 
 __all__ = ["LowRankEngine", "LOWRANK_LR_MODES"]
@@ -450,6 +451,8 @@ class _Run:
             small = [p.detach() for p in small]
         self.env = _Env(weights, self.rate_tensors, self)
         self.small0 = [p.expand(num_tasks, *p.shape) for p in small]
+        # the hand-written no-graph step of plain MLP models (None: the general step)
+        self.fast = mlp_stepper(self) if self.sites else None
 
     # ------------------------------------------------------------------ helpers
     def rate(self, name: str, rate_tensors):
@@ -641,9 +644,12 @@ class _Run:
                 x, y, m = (t[:n] for t in self.step_data(step))
                 pieces = [[(a[:n, :r], d[:n, :r])] if r else [] for (a, d), r in zip(history, rows)]
                 part = [p[:n] for p in small] if n < b else small
-                g_small, deltas, elements, inputs = self.step(
-                    env, part, pieces, x, y, m, keep_graph, False
-                )
+                if self.fast is not None and not keep_graph:
+                    g_small, deltas, elements, inputs = self.fast.step(env, part, pieces, x, y, m)
+                else:
+                    g_small, deltas, elements, inputs = self.step(
+                        env, part, pieces, x, y, m, keep_graph, False
+                    )
                 for (wa, wd), r, s, a, d in zip(writers, rows, self.sites, inputs, deltas):
                     wa[:n, r : r + s.rows] = a.detach()
                     wd[:n, r : r + s.rows] = d.detach()
