@@ -591,19 +591,21 @@ class _Run:
             out.append((a, d))
         return out
 
-    def idle_tails(self, history, upto: int | None = None) -> None:
-        """Zero the history rows of steps after each task's last active one (before step
-        ``upto``; None: all): the steps skip those tasks and write nothing there, and
-        the rows (zero gradients, finite inputs) are only read by calls over all tasks
-        (query losses, per-task adapted weights, second-order steps)."""
+    def idle_tails(self, history, upto: int | None = None, since: int = 0) -> None:
+        """Zero the history rows of steps after each task's last active one (steps
+        ``since`` to ``upto``; None: the last): the steps skip those tasks and write
+        nothing there, and the rows (zero gradients, finite inputs) are only read by
+        calls over all tasks (query losses, per-task adapted weights, second-order
+        steps)."""
         if self.live_steps is None:
             return
         upto = self.num_steps if upto is None else upto
         for (a, d), s in zip(history, self.sites):
             for b, live in enumerate(self.live_steps):
-                if live < upto:
-                    a.data[b, live * s.rows : upto * s.rows] = 0
-                    d.data[b, live * s.rows : upto * s.rows] = 0
+                lo = max(live, since)
+                if lo < upto:
+                    a.data[b, lo * s.rows : upto * s.rows] = 0
+                    d.data[b, lo * s.rows : upto * s.rows] = 0
 
     def buffered(
         self,
@@ -668,7 +670,7 @@ class _Run:
                 elements = torch.cat([elements, elements.new_zeros(b - n, self.width)])
             outs.add(self, step, elements)
             if outs.track_query:
-                self.idle_tails(history, i + 1)
+                self.idle_tails(history, i + 1, since=i)
                 upto = [r + s.rows for r, s in zip(rows, self.sites)]
                 pieces = [[(a[:, :r], d[:, :r])] for (a, d), r in zip(history, upto)]
                 outs.queries.append(self.query_loss(env, small, pieces))
