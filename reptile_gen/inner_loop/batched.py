@@ -559,7 +559,10 @@ def _compile(model: nn.Module, names: list[str]) -> BatchedModel | None:
 # ------------------------------------------------------------------------------ losses
 def _mse_and_grad(pred, target):
     diff = pred - target
-    return diff.pow(2).mean(-1), diff * (2.0 / diff.shape[-1])
+    squared = diff.pow(2)
+    # a mean over one output is the value itself (a view, not a reduction kernel)
+    elements = squared.squeeze(-1) if diff.shape[-1] == 1 else squared.mean(-1)
+    return elements, diff * (2.0 / diff.shape[-1])
 
 
 def _cross_entropy_and_grad(pred, target):

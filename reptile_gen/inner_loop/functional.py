@@ -188,7 +188,11 @@ class FunctionalEngine(InnerLoopEngine):
 
         # steps past the longest sequence of the batch only see padding: no loss, no
         # update. They are skipped (their step losses are zeros, as they would be)
-        ran = _steps_with_data(slices, batch.support_mask)
+        ran = (
+            _steps_with_data(slices, batch.support_mask)
+            if schedule.num_steps is None
+            else num_steps
+        )
 
         segments = 1
         if grad_mode == "second_order" and torch.is_grad_enabled():

@@ -44,21 +44,22 @@ __all__ = ["HandSegment", "HandQuery", "supports"]
 
 
 # ------------------------------------------------------------------------------ losses
-def _mse_curvature(pred, target, r):
-    return r * (2.0 / pred.shape[-1])
+def _mse_curvature(pred, target, r, weights, seed):
+    return torch.addcmul(seed, r, weights.unsqueeze(-1), value=2.0 / pred.shape[-1])
 
 
-def _cross_entropy_curvature(pred, target, r):
+def _cross_entropy_curvature(pred, target, r, weights, seed):
     p = torch.softmax(pred, -1)
-    return p * (r - (p * r).sum(-1, keepdim=True))
+    curvature = p * (r - (p * r).sum(-1, keepdim=True))
+    return torch.addcmul(seed, curvature, weights.unsqueeze(-1))
 
 
-def _bce_curvature(pred, target, r):
+def _bce_curvature(pred, target, r, weights, seed):
     s = torch.sigmoid(pred)
-    return r * (s * (1 - s))
+    return torch.addcmul(seed, r, (s * (1 - s)).mul_(weights.unsqueeze(-1)))
 
 
-#: the tangent of each closed-form loss gradient ``dloss/dpred`` given ``R{pred}``
+#: ``seed + w * R{dloss/dpred}`` given ``R{pred}``, per closed-form loss
 _CURVATURE = {
     _mse_and_grad: _mse_curvature,
     _cross_entropy_and_grad: _cross_entropy_curvature,
@@ -98,7 +99,7 @@ def _rpass(batched, curvature, p, v, pred, y, weights, saved, deltas, seed) -> d
         rsaved = [None] * len(layers)
     rd = seed
     if r is not None:  # r is R{pred}
-        rd = rd + weights.unsqueeze(-1) * curvature(pred, y, r)
+        rd = curvature(pred, y, r, weights, seed)
     rgrads: dict = {}
     for i in reversed(range(len(layers))):
         rd = layers[i].rbackward(p, v, deltas[i], rd, saved[i], rsaved[i], rgrads, i > 0)
@@ -197,20 +198,26 @@ class HandSegment(torch.autograd.Function):
         wanted = [t.requires_grad for t in ctx.rate_tensors]
         rate_grads: list = [None] * len(ctx.rate_tensors)
         offset = g_elements.shape[1]
+        scaled: dict = {}  # weights * factor, once per distinct weights tensor
         for k in reversed(range(len(tape))):
             p, y, weights, mask, record, first_order, pred, saved, deltas, g, grads = tape[k]
-            c = g_steps[:, k : k + 1] * weights
+            # the R-pass is linear in (v, seed): with one fixed rate r, pass v = theta_bar
+            # and seed / r and scale the result by r (no per-tensor product r * theta_bar);
+            # the seed is minus the first-order term, B(-c g)
+            scale = ctx.shared_rate if not first_order and ctx.shared_rate else None
+            factor = -1.0 / scale if scale is not None else -1.0
+            key = (id(weights), factor)
+            if key not in scaled:
+                scaled[key] = weights * factor
+            c = g_steps[:, k : k + 1] * scaled[key]
             if record:
                 width = mask.shape[1]
-                c = c + g_elements[:, offset - width : offset] * mask
+                c = torch.addcmul(c, g_elements[:, offset - width : offset], mask, value=factor)
                 offset -= width
             for i, slot in enumerate(slots):
                 if slot is not None and wanted[slot]:
                     term = -_reduce_to(theta_bar[i] * grads[i], ctx.rate_tensors[slot])
                     rate_grads[slot] = term if rate_grads[slot] is None else rate_grads[slot] + term
-            # the R-pass is linear in (v, seed): with one fixed rate r, pass v = theta_bar
-            # and seed / r and scale the result by r (no per-tensor product r * theta_bar)
-            scale = ctx.shared_rate if not first_order and ctx.shared_rate else None
             if first_order:
                 v = None
             elif scale is not None:
@@ -218,7 +225,6 @@ class HandSegment(torch.autograd.Function):
             else:
                 v = {name: tb * r for name, tb, r in zip(names, theta_bar, rate_list)}
             seed = c.unsqueeze(-1) * g
-            seed = seed.mul_(-1.0 / scale) if scale is not None else seed.neg_()
             rg = _rpass(batched, curvature, p, v, pred, y, weights, saved, deltas, seed)
             if len(rg) == len(names):
                 theta_bar = torch._foreach_add(
