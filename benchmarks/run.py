@@ -475,6 +475,19 @@ def format_comparisons(report: dict) -> list[str]:
     return lines
 
 
+def _cpu_model() -> str | None:
+    """The CPU's model name from ``/proc/cpuinfo`` (Linux; ``platform.processor()`` is
+    empty there), None where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def machine_info(threads: int, device: str) -> dict:
     import numpy
     import torch
@@ -482,7 +495,7 @@ def machine_info(threads: int, device: str) -> dict:
     info = {
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "processor": platform.processor() or None,
+        "processor": platform.processor() or _cpu_model(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": numpy.__version__,
