@@ -10,8 +10,9 @@ config. Runs with the same label but different seeds form one group: the chart d
 group's learning curve (test ``<metric>`` after k = 0..N adaptation steps, the
 ``test/<metric>_step_k`` metrics) as the mean over seeds with a +- one standard deviation
 band, together with the random-initialisation baseline (``test/random_init/<metric>_step_k``
-averaged over the runs that have it): the "MAML vs first-order MAML vs Reptile vs transfer
-vs random init" figure. The table (label, seeds, metric at steps 0, 1 and the last one as
+averaged over the runs that have it, one baseline per model family: the LSTM baseline's
+untrained network is not averaged with the meta-learners'): the "MAML vs first-order MAML
+vs Reptile vs transfer vs random init" figure. The table (label, seeds, metric at steps 0, 1 and the last one as
 mean +- std) is printed and written as ``comparison.md`` and ``comparison.json`` next to the
 chart (default chart: ``<first dir>/comparison.png``).
 
@@ -313,15 +314,32 @@ def choose_metric(runs: list[Run], metric: str = "auto") -> tuple[str, str]:
     )
 
 
+def model_family(run: Run) -> str:
+    """What a run's random initialisation is an initialisation of: ``lstm`` for the LSTM
+    baseline (its own network), else the model config's choice (``mlp``, ``text_mlp``,
+    ``lstm_block``...), so untrained networks of different architectures are not averaged
+    together."""
+    if algorithm_name(run) == "lstm":
+        return "lstm"
+    choice = run.choices.get("model")
+    if choice:
+        return str(choice)
+    model = run.config.get("model") or {}
+    body = model.get("body") if isinstance(model, dict) else None
+    target = body.get("_target_") if isinstance(body, dict) else None
+    return str(target or "model").rsplit(".", 1)[-1]
+
+
 def group_runs(
     runs: list[Run], metric: str = "mse", kind: str = "curve"
-) -> tuple[list[Group], Group | None]:
-    """``(groups, random-init baseline)``: runs labelled (:func:`label_runs`) and grouped by
-    label, in order of first appearance; runs without the metric are left out (a
+) -> tuple[list[Group], list[Group]]:
+    """``(groups, random-init baselines)``: runs labelled (:func:`label_runs`) and grouped
+    by label, in order of first appearance; runs without the metric are left out (a
     :class:`CompareError` when none has it). A group's ``mean``/``std`` are per step of the
-    curve, or one entry for a ``value`` metric. The baseline averages
-    ``test/random_init/<metric>[_step_k]``, step by step, over every run that has that step
-    (None if none does)."""
+    curve, or one entry for a ``value`` metric. A baseline averages
+    ``test/random_init/<metric>[_step_k]``, step by step, over the runs that have it, one
+    baseline per model family (:func:`model_family`; labelled ``random init`` when there
+    is one family, ``random init (<family>)`` otherwise); empty if no run has one."""
     with_metric = [r for r in runs if r.series(metric, kind)]
     if not with_metric:
         choose_metric(runs, metric)  # raises, listing what the runs have
@@ -334,18 +352,21 @@ def group_runs(
         Group(label, members, *_mean_std([r.series(metric, kind) for r in members]))
         for label, members in by_label.items()
     ]
-    baseline_runs = [r for r in with_metric if r.series(metric, kind, "test/random_init")]
-    baseline = None
-    if baseline_runs:
-        baseline = Group(
-            RANDOM_INIT,
-            baseline_runs,
+    by_family: dict[str, list[Run]] = {}
+    for run in with_metric:
+        if run.series(metric, kind, "test/random_init"):
+            by_family.setdefault(model_family(run), []).append(run)
+    baselines = [
+        Group(
+            RANDOM_INIT if len(by_family) == 1 else f"{RANDOM_INIT} ({family})",
+            members,
             *_mean_std(
-                [r.series(metric, kind, "test/random_init") for r in baseline_runs],
-                truncate=False,
+                [r.series(metric, kind, "test/random_init") for r in members], truncate=False
             ),
         )
-    return groups, baseline
+        for family, members in by_family.items()
+    ]
+    return groups, baselines
 
 
 # ---------------------------------------------------------------------- outputs
@@ -360,10 +381,11 @@ def _nan_to_none(values):
 
 
 def summarize(
-    groups: list[Group], baseline: Group | None, metric: str, steps, kind: str = "curve"
+    groups: list[Group], baselines: list[Group], metric: str, steps, kind: str = "curve"
 ) -> dict:
     """The comparison as a JSON-able dict (what ``comparison.json`` holds); for a
-    ``value`` metric, ``mean``/``std`` have one entry and ``steps`` is ``[0]``."""
+    ``value`` metric, ``mean``/``std`` have one entry and ``steps`` is ``[0]``.
+    ``random_init`` is the list of random-init baselines (one per model family)."""
 
     def entry(group: Group) -> dict:
         return {
@@ -382,12 +404,12 @@ def summarize(
         "spread": "sample standard deviation over the runs of a group (seeds)",
         "steps": list(steps),
         "groups": [entry(g) for g in groups],
-        "random_init": entry(baseline) if baseline is not None else None,
+        "random_init": [entry(b) for b in baselines],
     }
 
 
 def format_table(
-    groups: list[Group], baseline: Group | None, metric: str, steps, kind: str = "curve"
+    groups: list[Group], baselines: list[Group], metric: str, steps, kind: str = "curve"
 ) -> str:
     """A Markdown table: label, seeds, the metric at ``steps`` (mean +- std); a ``value``
     metric has one column, named by the metric."""
@@ -397,7 +419,7 @@ def format_table(
         [f"{metric.upper()}@{k}" for k in steps] if kind == "curve" else [metric]
     )
     rows = []
-    for group in groups + ([baseline] if baseline is not None else []):
+    for group in groups + baselines:
         cells = [group.label, str(group.n)]
         for k in steps:
             at = _at(group, k)
@@ -414,28 +436,30 @@ def format_table(
 
 def plot_comparison(
     groups: list[Group],
-    baseline: Group | None,
+    baselines: list[Group],
     path: str | Path,
     metric: str,
     log_y=True,
     kind: str = "curve",
 ) -> Path:
     """All learning curves in one chart: mean over seeds with a +- std band; the random
-    init baseline dashed. A ``value`` metric: one bar per group with a +- std error bar."""
+    init baselines dashed (one per model family). A ``value`` metric: one bar per group
+    with a +- std error bar, the baselines in grey."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     if kind != "curve":
-        return _plot_values(groups, baseline, Path(path), metric, plt)
+        return _plot_values(groups, baselines, Path(path), metric, plt)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series = [(g, {"marker": "o", "markersize": 3}) for g in groups]
-    if baseline is not None:
-        series.append((baseline, {"color": "k", "linestyle": "--"}))
+    greys = ("k", "0.45", "0.7")
+    for i, baseline in enumerate(baselines):
+        series.append((baseline, {"color": greys[i % len(greys)], "linestyle": "--"}))
     for group, style in series:
         steps = list(range(len(group.mean)))
-        label = f"{group.label} (n={group.n})" if group is not baseline else group.label
+        label = f"{group.label} (n={group.n})" if group not in baselines else group.label
         (line,) = ax.plot(steps, group.mean, label=label, **style)
         low = [m - s for m, s in zip(group.mean, group.std)]
         if log_y:  # keep the band on a log axis
@@ -457,10 +481,10 @@ def plot_comparison(
     return path
 
 
-def _plot_values(groups, baseline, path: Path, metric: str, plt) -> Path:
-    bars = groups + ([baseline] if baseline is not None else [])
+def _plot_values(groups, baselines, path: Path, metric: str, plt) -> Path:
+    bars = groups + baselines
     fig, ax = plt.subplots(figsize=(7, 1.2 + 0.45 * len(bars)))
-    labels = [f"{g.label} (n={g.n})" if g is not baseline else g.label for g in bars]
+    labels = [f"{g.label} (n={g.n})" if g not in baselines else g.label for g in bars]
     ax.barh(
         range(len(bars)),
         [g.mean[0] for g in bars],
@@ -496,14 +520,14 @@ def compare(
         raise CompareError("give at least one run or multirun dir")
     runs = [load_run(p) for p in find_metrics(dirs)]
     metric, kind = choose_metric(runs, metric)
-    groups, baseline = group_runs(runs, metric, kind)
+    groups, baselines = group_runs(runs, metric, kind)
     steps = list(steps) if steps is not None else default_steps(groups)
     if kind != "curve":
         steps = [0]
     chart = Path(out) if out else Path(dirs[0]) / "comparison.png"
-    plot_comparison(groups, baseline, chart, metric, log_y=log_y, kind=kind)
-    summary = summarize(groups, baseline, metric, steps, kind)
-    table = format_table(groups, baseline, metric, steps, kind)
+    plot_comparison(groups, baselines, chart, metric, log_y=log_y, kind=kind)
+    summary = summarize(groups, baselines, metric, steps, kind)
+    table = format_table(groups, baselines, metric, steps, kind)
     md, js = chart.parent / "comparison.md", chart.parent / "comparison.json"
     title = f"Test {metric} after k adaptation steps" if kind == "curve" else f"Test {metric}"
     md.write_text(f"# {title}\n\n![chart]({chart.name})\n\n{table}")

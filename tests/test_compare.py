@@ -80,7 +80,7 @@ def test_groups_seeds_under_the_varying_override(tmp_path):
     sweep = make_sweep(tmp_path / "sweep")
     runs = [load_run(p) for p in find_metrics([sweep])]
     assert len(runs) == 4
-    groups, baseline = group_runs(runs)
+    groups, baselines = group_runs(runs)
     assert [g.label for g in groups] == ["algorithm=maml", "algorithm=reptile"]
     maml = groups[0]
     assert maml.n == 2 and sorted(maml.seeds) == [0, 1]
@@ -89,6 +89,8 @@ def test_groups_seeds_under_the_varying_override(tmp_path):
     assert maml.std[0] == pytest.approx(math.sqrt(0.5))
     assert maml.mean[10] == pytest.approx(2.5)
     assert len(maml.mean) == STEPS
+    (baseline,) = baselines
+    assert baseline.label == "random init"
     assert baseline.n == 4 and baseline.mean[0] == pytest.approx(5.5)
 
 
@@ -99,10 +101,10 @@ def test_label_falls_back_to_the_algorithm(tmp_path):
     write_run(tmp_path / "b", line(3, 0.2), overrides=["seed=0"], first_order=True)
     write_run(tmp_path / "c", line(2, 0.1), algorithm="reptile_gen.algorithms.JointTraining")
     runs = [load_run(p) for p in find_metrics([tmp_path])]
-    groups, baseline = group_runs(runs)
+    groups, baselines = group_runs(runs)
     assert sorted(g.label for g in groups) == ["fomaml", "joint", "maml"]
     assert all(g.n == 1 and g.std[0] == 0.0 for g in groups)
-    assert baseline is None
+    assert baselines == []
 
 
 def test_missing_key_takes_the_runs_choice(tmp_path):
@@ -153,7 +155,7 @@ def test_table_json_and_chart(tmp_path, capsys):
     maml = summary["groups"][0]
     assert maml["label"] == "algorithm=maml" and maml["n"] == 2
     assert maml["at_steps"]["10"]["mean"] == pytest.approx(2.5)
-    assert summary["random_init"]["n"] == 4
+    assert [b["n"] for b in summary["random_init"]] == [4]
 
 
 def test_out_and_steps_options(tmp_path):
@@ -170,11 +172,46 @@ def test_table_format():
     from reptile_gen.compare import Group
 
     group = Group("algorithm=maml", [], [1.0, 0.5], [0.1, 0.05])
-    table = format_table([group], None, "mse", [0, 1])
+    table = format_table([group], [], "mse", [0, 1])
     header, sep, row = table.splitlines()
     assert header.split("|")[1].strip() == "label" and "MSE@1" in header
     assert set(sep) <= {"|", "-"}
     assert "1 ± 0.1" in row and "0.5 ± 0.05" in row
+
+
+def test_random_init_baselines_per_model_family(tmp_path):
+    """The LSTM baseline's untrained network and the meta-learners' MLP are different
+    random initialisations: one baseline each, labelled by family, never averaged."""
+    for job, (algo, start, init) in enumerate((("maml", 3.0, 5.0), ("lstm", 2.0, 9.0))):
+        for seed in (0, 1):
+            write_run(
+                tmp_path / f"{job}{seed}",
+                line(start + seed, 0.1),
+                overrides=[f"algorithm={algo}", f"seed={seed}"],
+                seed=seed,
+                algorithm="reptile_gen.algorithms.MAML"
+                if algo == "maml"
+                else "reptile_gen.algorithms.LSTMBaseline",
+                random_init=[init + seed] * STEPS,
+                choices={"algorithm": algo, "model": "mlp"},
+            )
+    groups, baselines = group_runs([load_run(p) for p in find_metrics([tmp_path])])
+    assert len(groups) == 2
+    by_label = {b.label: b for b in baselines}
+    assert set(by_label) == {"random init (mlp)", "random init (lstm)"}
+    assert by_label["random init (mlp)"].mean[0] == pytest.approx(5.5)
+    assert by_label["random init (lstm)"].mean[0] == pytest.approx(9.5)
+    assert by_label["random init (lstm)"].std[0] == pytest.approx(math.sqrt(0.5))
+    summary = compare_main_summary(tmp_path)
+    assert sorted(b["label"] for b in summary["random_init"]) == sorted(by_label)
+
+
+def compare_main_summary(root):
+    """``comparison.json`` of ``python -m reptile_gen.compare root``."""
+    from reptile_gen.compare import main
+
+    main([str(root)])
+    return json.loads((root / "comparison.json").read_text())
 
 
 def test_null_values_are_left_out(tmp_path):
@@ -241,7 +278,7 @@ def test_sequence_runs_compare_their_likelihood(tmp_path, capsys):
         ("algorithm=lstm", 2),
     ]
     assert summary["groups"][1]["mean"] == [pytest.approx(0.41)]
-    assert summary["random_init"]["mean"] == [pytest.approx(0.93)]
+    assert [b["mean"] for b in summary["random_init"]] == [[pytest.approx(0.93)]]
     assert summary["without_metrics"] == [str(failed)]
     assert (sweep / "comparison.png").stat().st_size > 0
     other = compare([sweep], out=tmp_path / "nats" / "c.png", metric="nll_nats_per_image")
