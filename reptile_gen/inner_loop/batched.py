@@ -646,7 +646,7 @@ class BatchedRunner:
         self.batched = batched
         self.buffers = dict(model.named_buffers()) if path == "vmap" else {}
         self.loss_grad = closed_form_loss(loss_fn) if path == "analytic" else None
-        from reptile_gen.inner_loop import second_order
+        from reptile_gen.inner_loop import second_order  # it imports this module
 
         #: the hand-written reverse pass (:mod:`.second_order`) replaces the autograd graph
         self.hand = (
