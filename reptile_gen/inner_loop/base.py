@@ -104,3 +104,19 @@ def first_visit(slices: list[tuple[int, int]]) -> list[bool]:
         out.append(start >= frontier and end > start)
         frontier = max(frontier, end)
     return out
+
+
+def last_active_step(mask: torch.Tensor, slices: list[tuple[int, int]]) -> torch.Tensor:
+    """``[B]`` index of each task's last step with a real (unmasked) element, -1 if none.
+    A step whose elements are all padding is a no-op for the task (zero loss, zero
+    gradient), so nothing needs to run for it."""
+    if not slices:
+        return torch.full(mask.shape[:1], -1, dtype=torch.long, device=mask.device)
+    # real elements before each position; a slice is active if the count grows over it
+    count = torch.nn.functional.pad(mask.long().cumsum(1), (1, 0))
+    length = mask.shape[1]
+    starts = torch.tensor([min(s, length) for s, _ in slices], device=mask.device)
+    ends = torch.tensor([min(max(s, e), length) for s, e in slices], device=mask.device)
+    active = count[:, ends] > count[:, starts]  # [B, T]
+    index = torch.arange(len(slices), device=mask.device)
+    return torch.where(active, index, -1).amax(1)

@@ -141,12 +141,8 @@ class _Linear(_Layer):
         if share and _shared(w) and (b is None or _shared(b)):
             # one weight for all tasks: a single matmul over all tasks' inputs
             out = F.linear(h, w[0], None if b is None else b[0])
-        elif b is None:
-            out = _bmm(h, w.transpose(1, 2))
-        elif h.shape[2] == 1:  # one input feature: an outer product plus the bias
-            out = torch.addcmul(b.unsqueeze(1), h, w.transpose(1, 2))
         else:
-            out = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            out = _bmm(h, w.transpose(1, 2), add=None if b is None else b.unsqueeze(1))
         return out, h
 
     def backward(self, p, d, h, grads, need_input):
@@ -755,9 +751,7 @@ class BatchedRunner:
         rates = [self.rates(rate_tensors)[n] for n in self.names]
         sx, sy, sm = data
         grad_on = torch.is_grad_enabled()
-        graph = grad_on and (
-            any(p.requires_grad for p in params) or any(r.requires_grad for r in rate_tensors)
-        )
+        graph = grad_on and (_needs_grad(params) or _needs_grad(rate_tensors))
         if self.hand is not None and graph and not track_query and steps:
             return self.hand.HandSegment.apply(
                 self, steps, data, len(params), *params, *rate_tensors
@@ -765,9 +759,7 @@ class BatchedRunner:
         step_losses, element_losses, query_losses = [], [], []
         for start, end, record, first_order in steps:
             x, y = sx[:, start:end], sy[:, start:end]
-            mask = sm[:, start:end].to(params[0].dtype)
-            # each task's loss is the masked mean over its step's elements
-            weights = mask / mask.sum(1, keepdim=True).clamp(min=1)
+            mask, weights = step_weights(sm, start, end, params[0].dtype)
             grads, elements = self._step_grads(
                 params, x, y, weights, graph, second_order=graph and not first_order
             )
@@ -787,6 +779,13 @@ class BatchedRunner:
             torch.cat(element_losses, 1) if element_losses else zero,
             torch.stack(query_losses, 1) if query_losses else zero,
         )
+
+
+def step_weights(mask: torch.Tensor, start: int, end: int, dtype) -> tuple:
+    """``(mask, weights)`` of the step over elements ``start:end``: each task's step loss
+    is the masked mean over its elements, ``sum_i weights_i * loss_i``."""
+    m = mask[:, start:end].to(dtype)
+    return m, m / m.sum(1, keepdim=True).clamp(min=1)
 
 
 def _needs_grad(tensors) -> bool:

@@ -47,6 +47,7 @@ from reptile_gen.inner_loop.base import (
     InnerLoopResult,
     LossFn,
     first_visit,
+    last_active_step,
     masked_mean,
 )
 from reptile_gen.inner_loop.batched import BatchedRunner, compile_model
@@ -370,14 +371,8 @@ class _CheckpointedSegment(torch.autograd.Function):
 def _steps_with_data(slices: list[tuple[int, int]], mask: torch.Tensor) -> int:
     """How many leading steps to run: all but the trailing ones whose elements are
     padding in every task (all of them if no element is real)."""
-    active = mask.any(0).nonzero()
-    if active.numel() == 0:
-        return len(slices)
-    last = int(active[-1]) + 1
-    ran = len(slices)
-    while ran > 0 and slices[ran - 1][0] >= last:
-        ran -= 1
-    return ran
+    last = int(last_active_step(mask, slices).max()) if slices else -1
+    return last + 1 if last >= 0 else len(slices)
 
 
 def _pad_to(element_losses: torch.Tensor, length: int) -> torch.Tensor:

@@ -66,6 +66,7 @@ from reptile_gen.inner_loop.base import (
     InnerLoopResult,
     LossFn,
     first_visit,
+    last_active_step,
     masked_mean,
 )
 from reptile_gen.inner_loop.functional import check_truncate_steps, num_segments
@@ -158,25 +159,9 @@ class LowRankEngine(InnerLoopEngine):
         return result if order is None else _reorder(result, torch.argsort(order))
 
 
-def _last_active(mask: torch.Tensor, slices: list[tuple[int, int]]) -> torch.Tensor:
-    """``[B]`` index of each task's last step with a real (unmasked) element, -1 if none.
-    A step whose elements are all padding is a no-op for the task (zero loss, zero
-    gradient), so nothing needs to run for it."""
-    if not slices:
-        return torch.full(mask.shape[:1], -1, dtype=torch.long, device=mask.device)
-    # real elements before each position; a slice is active if the count grows over it
-    count = torch.nn.functional.pad(mask.long().cumsum(1), (1, 0))
-    length = mask.shape[1]
-    starts = torch.tensor([min(s, length) for s, _ in slices], device=mask.device)
-    ends = torch.tensor([min(max(s, e), length) for s, e in slices], device=mask.device)
-    active = count[:, ends] > count[:, starts]  # [B, T]
-    index = torch.arange(len(slices), device=mask.device)
-    return torch.where(active, index, -1).amax(1)
-
-
 def _task_order(mask: torch.Tensor, schedule: InnerSchedule) -> torch.Tensor | None:
     """Task order by last active step, descending (None: already in that order)."""
-    last = _last_active(mask, schedule.slices(mask.shape[1]))
+    last = last_active_step(mask, schedule.slices(mask.shape[1]))
     if last.numel() < 2 or bool((last[:-1] >= last[1:]).all()):
         return None
     return torch.argsort(last, descending=True, stable=True)
@@ -394,7 +379,7 @@ class _Run:
         self.query = (batch.query_x, batch.query_y) if batch.has_query else None
         # tasks still active at each step (a prefix of the batch when it is ordered by
         # last active step, see LowRankEngine.run; all tasks otherwise)
-        last = _last_active(self.mask, [(s.start, s.start + s.count) for s in self.steps])
+        last = last_active_step(self.mask, [(s.start, s.start + s.count) for s in self.steps])
         self.live_steps: list[int] | None = None  # per task: steps up to its last active one
         if num_tasks < 2 or bool((last[:-1] >= last[1:]).all()):
             steps_index = torch.arange(num_steps, device=last.device)
@@ -666,8 +651,7 @@ class _Run:
                         _update_prefix(p, rate * g.detach(), n)
                         for p, g, rate in zip(small, g_small, env.small_rates)
                     ]
-            if n < b:
-                elements = torch.cat([elements, elements.new_zeros(b - n, self.width)])
+            elements = _pad_tasks(elements, b)
             outs.add(self, step, elements)
             if outs.track_query:
                 self.idle_tails(history, i + 1, since=i)

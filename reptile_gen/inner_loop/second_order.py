@@ -38,6 +38,7 @@ from reptile_gen.inner_loop.batched import (
     _cross_entropy_and_grad,
     _mse_and_grad,
     _sgd,
+    step_weights,
 )
 
 __all__ = ["HandSegment", "HandQuery", "supports"]
@@ -159,8 +160,7 @@ class HandSegment(torch.autograd.Function):
         for start, end, record, first_order in steps:
             x, y = sx[:, start:end], sy[:, start:end]
             if (start, end) not in masks:
-                mask = sm[:, start:end].to(params[0].dtype)
-                masks[start, end] = (mask, mask / mask.sum(1, keepdim=True).clamp(min=1))
+                masks[start, end] = step_weights(sm, start, end, params[0].dtype)
             mask, weights = masks[start, end]
             p = dict(zip(names, params))
             pred, saved, deltas, elements, g, grads = _forward_backward(
