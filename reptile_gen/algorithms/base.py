@@ -62,6 +62,9 @@ class MetaLearner(pl.LightningModule):
             segment count. Functional engine only.
         truncate_steps: second-order MAML differentiates through only the last ``k``
             inner updates (older ones first-order); ``null`` for all.
+        compile: ``true`` compiles the few-shot meta-training step of an MLP with
+            ``torch.compile`` (functional engine; MAML and first-order MAML), ``eager``
+            runs the same program op by op: see :mod:`reptile_gen.inner_loop.compiled`.
     """
 
     #: what flows back through the inner loop (set by subclasses)
@@ -87,6 +90,7 @@ class MetaLearner(pl.LightningModule):
         vmap_chunk_size: int | None = None,
         checkpoint_segments: int | str | None = None,
         truncate_steps: int | None = None,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "task_spec"])
@@ -134,6 +138,12 @@ class MetaLearner(pl.LightningModule):
                         "second-order MAML keeps an unroll to checkpoint or truncate; "
                         "allowed: null"
                     )
+        if compile and self.grad_mode == "none":
+            raise ValueError(
+                f"algorithm.compile={compile!r} with {type(self).__name__}: it compiles the "
+                "meta-gradient through the inner loop, which this algorithm does not take; "
+                "allowed: algorithm=maml or fomaml"
+            )
         self.engine: InnerLoopEngine = make_engine(
             inner_loop,
             inner_optimizer,
@@ -141,6 +151,7 @@ class MetaLearner(pl.LightningModule):
             checkpoint_segments=checkpoint_segments,
             truncate_steps=truncate_steps,
             inner_lr_learned=inner_lr_learned,
+            compile=compile,
         )
         self.inner_lr = InnerLR(
             [(n, p.shape) for n, p in model.named_parameters()], inner_lr, inner_lr_learned

@@ -38,6 +38,13 @@ def make_engine(name: str, inner_optimizer: dict | None = None, **options) -> In
     inner_optimizer = dict(inner_optimizer or {"name": "sgd"})
     opt_name = inner_optimizer.pop("name", "sgd")
     inner_lr_learned = options.pop("inner_lr_learned", "none")
+    compile_ = options.pop("compile", False)
+    if compile_ is not False and name != "functional":
+        raise ValueError(
+            f"algorithm.compile={compile_!r} with algorithm.inner_loop={name}: compiling "
+            "the meta-step is a functional-engine option; allowed: algorithm.compile=false, "
+            "or algorithm.inner_loop=functional"
+        )
     if name == "lowrank":
         if opt_name != "sgd" or inner_optimizer:
             raise ValueError(
@@ -54,7 +61,7 @@ def make_engine(name: str, inner_optimizer: dict | None = None, **options) -> In
                 "algorithm.inner_loop=higher: the functional engine runs plain SGD "
                 "(inner_optimizer.name=sgd, no extra options)"
             )
-        return FunctionalEngine(**options)
+        return FunctionalEngine(**options, compile=compile_)
     if name == "higher":
         if opt_name not in INNER_OPTIMIZERS:
             raise ValueError(

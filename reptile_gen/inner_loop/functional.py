@@ -42,6 +42,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from reptile_gen.data.task_batch import TaskBatch
+from reptile_gen.inner_loop import compiled
 from reptile_gen.inner_loop.base import (
     InnerLoopEngine,
     InnerLoopResult,
@@ -98,6 +99,11 @@ class FunctionalEngine(InnerLoopEngine):
         hand_backward: on the ``analytic`` path, backpropagate through the inner loop
             with the hand-written reverse pass of :mod:`.second_order` where it covers
             the model and loss (False: autograd's graph of the same ops; both exact).
+        compile: ``True`` runs few-shot meta-training steps (MAML, first-order MAML) of an
+            MLP as ``torch.compile``-d programs of the inner loop and its hand-written
+            reverse pass (:mod:`.compiled`); evaluation keeps the eager path. A model,
+            loss or option the compiled program does not cover is a clear error.
+            ``"eager"`` runs the same programs op by op (no C++ compiler; for debugging).
     """
 
     name = "functional"
@@ -109,6 +115,7 @@ class FunctionalEngine(InnerLoopEngine):
         truncate_steps: int | None = None,
         path: str = "auto",
         hand_backward: bool = True,
+        compile: bool | str = False,
     ) -> None:
         num_segments(checkpoint_segments, 1)  # validates
         check_truncate_steps(truncate_steps)
@@ -119,6 +126,15 @@ class FunctionalEngine(InnerLoopEngine):
         self.truncate_steps = truncate_steps
         self.path = path
         self.hand_backward = hand_backward
+        if compile not in (False, True, "eager"):
+            raise ValueError(f"algorithm.compile={compile!r}; allowed: false, true, eager")
+        if compile and (path not in ("auto", "analytic") or not hand_backward):
+            raise ValueError(
+                f"algorithm.compile={compile} runs the hand-written reverse pass of the "
+                f"analytic path; it does not combine with path={path!r}, "
+                f"hand_backward={hand_backward}"
+            )
+        self.compile = compile
 
     def resolve_path(self, model: nn.Module, names: list[str] | None = None) -> tuple[str, object]:
         """``(path, compiled model or None)`` this engine runs ``model`` with."""
@@ -156,6 +172,12 @@ class FunctionalEngine(InnerLoopEngine):
         track_query: bool = False,
         return_adapted: bool = False,
     ) -> InnerLoopResult:
+        if self.compile:
+            result = self._run_compiled(
+                model, batch, loss_fn, lr, schedule, grad_mode, track_query or return_adapted
+            )
+            if result is not None:
+                return result
         named = list(model.named_parameters())
         names = [n for n, _ in named]
         theta = [p for _, p in named]
@@ -242,6 +264,37 @@ class FunctionalEngine(InnerLoopEngine):
                 else None
             ),
             adapted=dict(zip(names, params)) if return_adapted else None,
+        )
+
+    def _run_compiled(self, model, batch, loss_fn, lr, schedule, grad_mode, eager_only):
+        """A few-shot meta-training step through the compiled programs (None: this call
+        is not one, e.g. evaluation; the eager path runs it)."""
+        plan_ = compiled.plan(model)  # a model it does not cover is an error on any call
+        rates = lr.rates_by_name()
+        loss = compiled.check_call(loss_fn, rates, self.checkpoint_segments)
+        if (
+            eager_only
+            or grad_mode == "none"
+            or not torch.is_grad_enabled()
+            or schedule.num_steps is None
+            or not batch.has_query
+        ):
+            return None
+        num_steps = schedule.num_steps
+        if grad_mode == "first_order":
+            first_order = (True,) * num_steps
+        else:
+            kept = num_steps if self.truncate_steps is None else self.truncate_steps
+            first_order = tuple(i < num_steps - kept for i in range(num_steps))
+        rate = next(iter(rates.values()))
+        query, steps, elements = compiled.run_compiled(
+            model, plan_, loss, rate, batch, first_order, compile_=self.compile is True
+        )
+        return InnerLoopResult(
+            step_losses=steps,
+            element_losses=elements,
+            query_losses=query,
+            adapted=None,
         )
 
 

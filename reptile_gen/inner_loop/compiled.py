@@ -1,0 +1,487 @@
+"""``algorithm.compile=true``: the few-shot MAML meta-step of an MLP as two compiled programs.
+
+On small models (sine MAML: 1-40-40-1) the functional engine's hand-written passes
+(:mod:`.batched`, :mod:`.second_order`) are bound by eager per-op overhead: a few hundred
+small ops per meta-step, each dispatched on its own. ``torch.compile`` cannot help the
+autograd form (it has no double backward), but with the reverse pass written out the whole
+meta-gradient is a *forward* program: ordinary tensor ops, no autograd inside. Here it is
+written over flat tensors (no layer objects, so Dynamo traces it without graph breaks) and
+compiled once per configuration and shape: Inductor fuses the elementwise work (the
+activations, their derivatives, the losses, the SGD updates, the masks) into a few
+generated C++ loops around the matmuls.
+
+Two programs, joined by an ``autograd.Function`` (:class:`_CompiledMAML`):
+
+* **forward**: the inner SGD steps on the support set from the shared initial parameters
+  (the first step's layers are one ``mm`` over all tasks), then the query loss; it returns
+  the step losses, the first step's element losses and the query losses, plus what the
+  reverse pass needs.
+* **reverse**: the query loss's gradient at the adapted parameters, then back through each
+  inner step ``theta' = theta - r g(theta)``: ``theta_bar = theta_bar' - r H theta_bar' +
+  B(c dloss/dpred)`` with the Hessian-vector product by Pearlmutter's R-operator (each
+  activation's second derivative written out) and ``B`` the backward pass seeded with the
+  step- and element-loss adjoints ``c``; first-order steps (``fomaml``, truncation) keep
+  only ``B``. Its output is the gradient w.r.t. the shared initial parameters.
+
+Covered (:func:`plan`): a ``SequenceModel`` with a continuous encoder, an ``MLP`` body
+(ReLU, Tanh, exact GELU or SiLU) and a ``Linear`` head; the squared-error, cross-entropy or
+Bernoulli loss; a fixed inner learning rate (shared by every tensor); the few-shot schedule
+(every step on the whole support set, masks allowed); no checkpointing. Meta-training
+steps of ``maml``/``fomaml`` run here; evaluation (no meta-gradient) and anything else of
+the engine run its eager path, with the same numbers (float64 parity tests). Width-1 layers
+(the sine model's input and output) are broadcast products, not matmuls.
+
+The first call for a new configuration or shape compiles (seconds: Inductor writes and
+builds C++ with the system compiler); ``make bench`` reports that time separately.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from reptile_gen.inner_loop.batched import (
+    _bce_and_grad,
+    _cross_entropy_and_grad,
+    _mse_and_grad,
+    closed_form_loss,
+)
+from reptile_gen.inner_loop.second_order import _CURVATURE
+
+__all__ = ["Plan", "plan", "run_compiled", "ACTIVATIONS"]
+
+#: activation module -> name in the compiled program
+ACTIVATIONS = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.GELU: "gelu", nn.SiLU: "silu"}
+
+_LOSS_NAMES = {_mse_and_grad: "mse", _cross_entropy_and_grad: "cross_entropy", _bce_and_grad: "bce"}
+
+#: compiled programs per configuration (Dynamo recompiles per shape and dtype on its own)
+_PROGRAMS: dict = {}
+
+
+# ------------------------------------------------------------------------------ the plan
+@dataclass(frozen=True)
+class Plan:
+    """What the compiled program of one model runs: its ``Linear`` layers in order and
+    each hidden layer's activation."""
+
+    layers: tuple[nn.Linear, ...]
+    activations: tuple[str, ...]
+
+    def parameters(self) -> list[torch.Tensor]:
+        """weight, bias of each layer (read at call time: a replaced tensor is seen)."""
+        return [p for layer in self.layers for p in (layer.weight, layer.bias)]
+
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def plan(model: nn.Module) -> Plan:
+    """The :class:`Plan` of ``model``, or a ``ValueError`` saying what is not covered."""
+    cached = _PLANS.get(model)
+    if cached is not None:
+        return cached
+    from reptile_gen.models import SequenceModel
+    from reptile_gen.models.bodies import MLP
+    from reptile_gen.models.encoders import ContinuousEncoder
+
+    def refuse(what: str):
+        return ValueError(
+            f"algorithm.compile=true: {what}; the compiled meta-step covers a continuous "
+            "input, an MLP body (relu, tanh, gelu or silu) and a Linear head (model=mlp on "
+            "sine-like tasks); set algorithm.compile=false for this model"
+        )
+
+    if not isinstance(model, SequenceModel):
+        raise refuse(f"the model is a {type(model).__name__}, not a SequenceModel")
+    if not isinstance(model.encoder, ContinuousEncoder):
+        raise refuse(f"the input encoder is a {type(model.encoder).__name__}")
+    if not isinstance(model.body, MLP):
+        raise refuse(f"the body is a {type(model.body).__name__}")
+    if type(model.head) is not nn.Linear or model.head.bias is None:
+        raise refuse(f"the head is a {type(model.head).__name__}")
+    linears, activations = [], []
+    for module in model.body.net:
+        if type(module) is nn.Linear and module.bias is not None:
+            linears.append(module)
+        elif type(module) in ACTIVATIONS and len(activations) < len(linears):
+            if isinstance(module, nn.GELU) and module.approximate != "none":
+                raise refuse("a tanh-approximated GELU")
+            activations.append(ACTIVATIONS[type(module)])
+        else:
+            raise refuse(f"the body holds a {type(module).__name__}")
+    if len(activations) != len(linears):
+        raise refuse("a hidden Linear layer without an activation after it")
+    linears.append(model.head)
+    if 2 * len(linears) != len(list(model.parameters())):
+        raise refuse("the model holds parameters outside its Linear layers")
+    result = Plan(tuple(linears), tuple(activations))
+    _PLANS[model] = result
+    return result
+
+
+def check_call(loss_fn, rates: dict, checkpoint_segments) -> str:
+    """The loss's name in the compiled program; a ``ValueError`` for a loss, learned rates
+    or an option it does not cover."""
+    loss = _LOSS_NAMES.get(closed_form_loss(loss_fn))
+    if loss is None:
+        raise ValueError(
+            "algorithm.compile=true: the task's loss has no closed form here; covered: the "
+            "squared error, cross entropy and Bernoulli losses of the built-in tasks"
+        )
+    if any(torch.is_tensor(r) for r in rates.values()):
+        raise ValueError(
+            "algorithm.compile=true with learned inner learning rates "
+            "(algorithm.inner_lr_learned != none); allowed: inner_lr_learned=none, or "
+            "algorithm.compile=false"
+        )
+    if checkpoint_segments is not None:
+        raise ValueError(
+            f"algorithm.compile=true with algorithm.checkpoint_segments="
+            f"{checkpoint_segments!r}: the compiled few-shot meta-step keeps its whole "
+            "unroll; allowed: checkpoint_segments=null"
+        )
+    return loss
+
+
+# ------------------------------------------------------------------------------ pieces
+def _act(name: str, z: torch.Tensor) -> torch.Tensor:
+    if name == "relu":
+        return torch.relu(z)
+    if name == "tanh":
+        return torch.tanh(z)
+    if name == "gelu":
+        return torch.nn.functional.gelu(z)
+    return torch.nn.functional.silu(z)
+
+
+def _act_d1(name: str, z: torch.Tensor) -> torch.Tensor:
+    """The activation's derivative at ``z``."""
+    if name == "relu":
+        return (z > 0).to(z.dtype)
+    if name == "tanh":
+        t = torch.tanh(z)
+        return 1 - t * t
+    if name == "gelu":
+        return 0.5 * (1 + torch.erf(z * (1 / math.sqrt(2)))) + z * _phi(z)
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def _act_d2(name: str, z: torch.Tensor) -> torch.Tensor | None:
+    """The activation's second derivative at ``z`` (None: zero, ReLU)."""
+    if name == "relu":
+        return None
+    if name == "tanh":
+        t = torch.tanh(z)
+        return -2 * t * (1 - t * t)
+    if name == "gelu":
+        return _phi(z) * (2 - z * z)
+    s = torch.sigmoid(z)
+    return s * (1 - s) * (2 + z * (1 - 2 * s))
+
+
+def _phi(z: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
+
+
+def _linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``h @ w.T + b`` per task: ``h`` is ``[B, N, in]``, ``w`` ``[out, in]`` (shared by the
+    tasks) or ``[B, out, in]``, ``b`` ``[out]`` or ``[B, out]``. A width-1 side is a
+    broadcast product (fused with the rest), a shared weight one ``mm`` for all tasks."""
+    if w.shape[-1] == 1:  # one input
+        out = h * w.transpose(-1, -2).unsqueeze(0) if w.dim() == 2 else h * w.transpose(1, 2)
+    elif w.shape[-2] == 1:  # one output
+        out = (h * (w.unsqueeze(0) if w.dim() == 2 else w)).sum(-1, keepdim=True)
+    elif w.dim() == 2:
+        out = torch.matmul(h, w.t())
+    else:
+        return (
+            torch.bmm(h, w.transpose(1, 2))
+            if b is None
+            else torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+        )
+    if b is None:
+        return out
+    return out + (b if b.dim() == 1 else b.unsqueeze(1))
+
+
+def _back(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``d @ w`` per task (the input gradient of a layer with weight ``w``)."""
+    if w.shape[-2] == 1:  # one output
+        return d * (w.unsqueeze(0) if w.dim() == 2 else w)
+    if w.shape[-1] == 1:  # one input
+        wt = w.transpose(-1, -2)
+        return (d * (wt.unsqueeze(0) if w.dim() == 2 else wt)).sum(-1, keepdim=True)
+    return torch.matmul(d, w) if w.dim() == 2 else torch.bmm(d, w)
+
+
+def _outer(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``d[b].T @ h[b]`` (``[B, out, in]``: a weight gradient)."""
+    if d.shape[-1] == 1 or h.shape[-1] == 1:
+        return (d.unsqueeze(-1) * h.unsqueeze(-2)).sum(1)
+    return torch.bmm(d.transpose(1, 2), h)
+
+
+def _forward(params, x, acts):
+    """Prediction, each layer's input and each hidden layer's pre-activation."""
+    inputs, pre = [x], []
+    h = x
+    last = len(acts)
+    for i in range(last + 1):
+        z = _linear(h, params[2 * i], params[2 * i + 1])
+        if i == last:
+            return z, inputs, pre
+        pre.append(z)
+        h = _act(acts[i], z)
+        inputs.append(h)
+    raise AssertionError("unreachable")
+
+
+def _backward(params, acts, d, inputs, pre):
+    """Parameter gradients per task for output gradient ``d``; also each layer's output
+    gradient (``deltas``) and the input gradient of each layer above the first before
+    the activation's derivative (``back``: the R-pass's second-derivative term)."""
+    n = len(acts) + 1
+    grads: list = [None] * (2 * n)
+    deltas: list = [None] * n
+    back: list = [None] * n
+    for i in reversed(range(n)):
+        deltas[i] = d
+        grads[2 * i] = _outer(d, inputs[i])
+        grads[2 * i + 1] = d.sum(1)
+        if i > 0:
+            e = _back(d, params[2 * i])
+            back[i] = e
+            d = e * _act_d1(acts[i - 1], pre[i - 1])
+    return grads, deltas, back
+
+
+def _rpass(params, acts, v, inputs, pre, deltas, back, rd_of):
+    """``H v + B(seed)`` per parameter: the tangent forward pass of ``v`` gives R{pred},
+    ``rd_of(R{pred})`` the output seed (curvature term plus the first-order seed), then
+    the tangent of the backward pass."""
+    n = len(acts) + 1
+    rpre: list = []  # R{pre-activation} of each hidden layer
+    rin: list = [None]  # R{input} of each layer
+    rz = _linear(inputs[0], v[0], v[1])
+    for i in range(1, n):
+        rpre.append(rz)
+        rin.append(rz * _act_d1(acts[i - 1], pre[i - 1]))
+        rz = _linear(inputs[i], v[2 * i], v[2 * i + 1]) + _linear(rin[i], params[2 * i])
+    rd = rd_of(rz)
+    out: list = [None] * (2 * n)
+    for i in reversed(range(n)):
+        out[2 * i + 1] = rd.sum(1)
+        out[2 * i] = _outer(rd, inputs[i])
+        if i == 0:
+            break
+        out[2 * i] = out[2 * i] + _outer(deltas[i], rin[i])
+        z = pre[i - 1]
+        rd = (_back(rd, params[2 * i]) + _back(deltas[i], v[2 * i])) * _act_d1(acts[i - 1], z)
+        d2 = _act_d2(acts[i - 1], z)
+        if d2 is not None:
+            rd = rd + back[i] * d2 * rpre[i - 1]
+    return out
+
+
+# ------------------------------------------------------------------------------ programs
+def _make_programs(acts, loss, rate, first_order, compile_):
+    """The forward and reverse programs of one configuration (compiled unless
+    ``compile_`` is False: the same code eagerly, for tests)."""
+    loss_grad = {"mse": _mse_and_grad, "cross_entropy": _cross_entropy_and_grad,
+                 "bce": _bce_and_grad}[loss]  # fmt: skip
+    curvature = _CURVATURE[loss_grad]
+    num_steps = len(first_order)
+    num = 2 * (len(acts) + 1)
+
+    def forward(theta, sx, sy, support_mask, qx, qy):
+        params = list(theta)
+        mask = support_mask.to(params[0].dtype)
+        weights = mask / mask.sum(1, keepdim=True).clamp(min=1)  # each step: a masked mean
+        step_losses, saved = [], []
+        element_losses = None
+        for k in range(num_steps):
+            pred, inputs, pre = _forward(params, sx, acts)
+            elements, g = loss_grad(pred, sy)
+            step_losses.append((elements * weights).sum(1))
+            if k == 0:
+                element_losses = elements * mask
+            grads, deltas, back = _backward(params, acts, g * weights.unsqueeze(-1), inputs, pre)
+            saved += [*params, *inputs, *pre, *deltas, *back[1:], pred, g]
+            params = [p - rate * gp for p, gp in zip(params, grads)]
+        pred, inputs, pre = _forward(params, qx, acts)
+        elements, g = loss_grad(pred, qy)
+        saved += [*params, *inputs, *pre, g, weights, mask]
+        return elements.mean(1, keepdim=True), torch.stack(step_losses, 1), element_losses, saved
+
+    n_layers = len(acts) + 1
+
+    def unpack_step(saved, at):
+        params = saved[at : at + num]
+        at += num
+        inputs = saved[at : at + n_layers]
+        at += n_layers
+        pre = saved[at : at + n_layers - 1]
+        at += n_layers - 1
+        deltas = saved[at : at + n_layers]
+        at += n_layers
+        back = [None, *saved[at : at + n_layers - 1]]
+        at += n_layers - 1
+        pred, g = saved[at], saved[at + 1]
+        return (params, inputs, pre, deltas, back, pred, g), at + 2
+
+    def reverse(saved, sy, g_query, g_steps=None, g_elements=None):
+        """Per-task gradients w.r.t. the initial parameters for the adjoints of the query
+        losses, step losses and element losses (None: zero)."""
+        steps = []
+        at = 0
+        for _ in range(num_steps):
+            step, at = unpack_step(saved, at)
+            steps.append(step)
+        params = saved[at : at + num]
+        at += num
+        inputs = saved[at : at + n_layers]
+        at += n_layers
+        pre = saved[at : at + n_layers - 1]
+        g, weights, mask = saved[at + n_layers - 1 :]
+        d = g * (g_query / g.shape[1]).view(-1, 1, 1)
+        theta_bar, _, _ = _backward(params, acts, d, inputs, pre)
+        for k in reversed(range(num_steps)):
+            params, inputs, pre, deltas, back, pred, g = steps[k]
+            seed = None
+            if g_steps is not None:
+                c = g_steps[:, k : k + 1] * weights
+                if k == 0:
+                    c = c + g_elements * mask
+                seed = c.unsqueeze(-1) * g
+            if first_order[k]:
+                if seed is None:
+                    continue
+                extra, _, _ = _backward(params, acts, seed, inputs, pre)
+            else:
+                # -r H theta_bar + B(seed): the R-pass is linear in (v, seed)
+                v = [-rate * t for t in theta_bar]
+                zero = torch.zeros_like(pred) if seed is None else seed
+
+                def rd_of(r, pred=pred, seed=zero):
+                    return curvature(pred, sy, r, weights, seed)
+
+                extra = _rpass(params, acts, v, inputs, pre, deltas, back, rd_of)
+            theta_bar = [t + e for t, e in zip(theta_bar, extra)]
+        return theta_bar
+
+    def fused(theta, sx, sy, support_mask, qx, qy):
+        """The losses and each task's meta-gradient of its query loss, ``[B, P]`` (the
+        usual objective: only the query losses carry adjoints, and the meta-gradient is
+        linear in them)."""
+        query, steps, elements, saved = forward(theta, sx, sy, support_mask, qx, qy)
+        per_task = reverse(saved, sy, torch.ones_like(query))
+        flat = torch.cat([t.reshape(t.shape[0], -1) for t in per_task], 1)
+        return query, steps, elements, flat
+
+    def full(theta, sx, sy, support_mask, qx, qy, g_query, g_steps, g_elements):
+        """The meta-gradient for any adjoints of the three losses (recomputes the loop)."""
+        _, _, _, saved = forward(theta, sx, sy, support_mask, qx, qy)
+        grads = reverse(saved, sy, g_query, g_steps, g_elements)
+        return [t.sum(0) for t in grads]
+
+    if not compile_:
+        return fused, full, first_order
+    # fullgraph: a graph break would silently fall back to per-op eager execution
+    options = {"cpp_wrapper": True}  # the kernels are called from C++, not from Python
+    return (
+        _Compiled(fused, options),
+        _Compiled(full, options),  # compiled only if ever called
+        first_order,
+    )
+
+
+class _Compiled:
+    """``torch.compile`` of a program, done at its first call; a failure to compile (no
+    C++ compiler, say) is a clear error rather than a stack of Inductor internals."""
+
+    def __init__(self, function, options) -> None:
+        self.function, self.options, self.program, self.ok = function, options, None, False
+
+    def __call__(self, *args):
+        if self.program is None:
+            self.program = torch.compile(
+                self.function, fullgraph=True, dynamic=False, options=self.options
+            )
+        if self.ok:
+            return self.program(*args)
+        try:
+            out = self.program(*args)
+        except Exception as error:  # noqa: BLE001 - re-raised with what to do
+            raise RuntimeError(
+                "algorithm.compile=true: torch.compile of the meta-step failed (Inductor "
+                "builds C++ with the system compiler: it needs g++ and the Python headers); "
+                "set algorithm.compile=eager (same program, op by op) or false. Cause: "
+                f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+            ) from error
+        self.ok = True
+        return out
+
+
+def _programs(key):
+    programs = _PROGRAMS.get(key)
+    if programs is None:
+        # one code object serves every configuration: allow a recompile per shape and
+        # configuration beyond Dynamo's default of 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        programs = _make_programs(*key)
+        _PROGRAMS[key] = programs
+    return programs
+
+
+class _CompiledMAML(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, programs, data, *theta):
+        query, steps, elements, per_task = programs[0](theta, *data)
+        ctx.set_materialize_grads(False)
+        ctx.programs, ctx.data, ctx.theta, ctx.per_task = programs, data, theta, per_task
+        return query, steps, elements
+
+    @staticmethod
+    def backward(ctx, g_query, g_steps, g_elements):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "algorithm.compile=true: the compiled meta-gradient is not differentiable "
+                "(a backward with create_graph=True through it is not supported); set "
+                "algorithm.compile=false for higher-order gradients"
+            )
+        theta, per_task = ctx.theta, ctx.per_task
+        ctx.per_task = ctx.theta = None
+        if g_steps is None and g_elements is None:
+            if g_query is None:
+                return (None, None, *[None] * len(theta))
+            # the meta-gradient is linear in the query losses' adjoints
+            flat = torch.mv(per_task.t(), g_query.view(-1).to(per_task.dtype))
+            sizes = [p.numel() for p in theta]
+            grads = [t.view(p.shape) for t, p in zip(flat.split(sizes), theta)]
+        else:  # the step or element losses are part of the objective: the general reverse
+            num_tasks, support = ctx.data[2].shape
+            num_steps = len(ctx.programs[2])
+            zeros = per_task.new_zeros
+            grads = ctx.programs[1](
+                [p.detach() for p in theta],
+                *ctx.data,
+                zeros(num_tasks) if g_query is None else g_query.view(-1),
+                zeros(num_tasks, num_steps) if g_steps is None else g_steps,
+                zeros(num_tasks, support) if g_elements is None else g_elements,
+            )
+        return (None, None, *grads)
+
+
+def run_compiled(model, plan_, loss, rate, batch, first_order, compile_=True):
+    """``(query losses [B, 1], step losses [B, n], first-step element losses [B, K])`` of
+    a few-shot inner loop with ``len(first_order)`` steps (True: a first-order step),
+    differentiable w.r.t. the model's parameters through the compiled reverse pass."""
+    key = (plan_.activations, loss, float(rate), tuple(first_order), bool(compile_))
+    data = (batch.support_x, batch.support_y, batch.support_mask, batch.query_x, batch.query_y)
+    return _CompiledMAML.apply(_programs(key), data, *plan_.parameters())
