@@ -136,9 +136,15 @@ def time_meta_steps(
             scheduler.step()
         return loss
 
+    # the first step pays one-off costs (torch.compile's compilation, allocator warm-up):
+    # reported on its own, never in the median
+    first_step_s = None
     for i in range(warmup):
+        t0 = time.perf_counter()
         step(batches[i % len(batches)])
-    _sync(device)
+        _sync(device)
+        if i == 0:
+            first_step_s = time.perf_counter() - t0
 
     times: list[float] = []
     start = time.perf_counter()
@@ -155,6 +161,8 @@ def time_meta_steps(
         times.append(time.perf_counter() - t0)
     final_loss = float(loss.detach())
     after = rss_mb()
+    if first_step_s is None:
+        first_step_s = times[0]
 
     arr = np.asarray(times)
     median = float(np.median(arr))
@@ -169,6 +177,7 @@ def time_meta_steps(
         "tasks_per_s": tasks_per_step / median,
         "steps_timed": len(times),
         "warmup_steps": warmup,
+        "first_step_s": first_step_s,
         "baseline_rss_mb": baseline["peak"],
         "baseline_current_rss_mb": baseline["current"],
         "peak_rss_mb": after["peak"],
@@ -180,6 +189,9 @@ def time_meta_steps(
         "cost": meta_step_cost(module, batches[0]),
         "support_length": int(batches[0].support_x.shape[1]),
     }
+    if getattr(module, "hparams", {}).get("compile") is True:
+        # torch.compile builds its programs in the first step (cold cache: see run.py)
+        result["compile_s"] = max(first_step_s - median, 0.0)
     if device.startswith("cuda"):
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / (1024 * 1024)
     return result

@@ -35,6 +35,7 @@ from reptile_gen.data.task_batch import TaskBatch
 
 __all__ = [
     "ENGINE_OVERRIDE",
+    "ENGINE_VARIANTS",
     "BUDGET_KEYS",
     "Workload",
     "WORKLOADS",
@@ -46,6 +47,13 @@ __all__ = [
 
 #: how an engine is selected in the config
 ENGINE_OVERRIDE = "algorithm.inner_loop={engine}"
+
+#: engines that are another engine with options: ``{name: (engine, extra overrides)}``
+ENGINE_VARIANTS = {
+    # the functional engine's meta-training step as two torch.compile-d programs
+    # (reptile_gen.inner_loop.compiled); its first step's compile time is reported apart
+    "functional_compiled": ("functional", ("algorithm.compile=true",)),
+}
 
 #: the timing settings a workload's :attr:`Workload.budget` may set per mode
 BUDGET_KEYS = ("warmup", "min_steps", "max_steps", "min_time_s", "max_time_s", "repeats")
@@ -167,7 +175,8 @@ class Workload:
     def overrides_for(self, engine: str) -> list[str]:
         """The full override list of ``engine`` (a baseline uses the reference engine)."""
         built_with = self.reference if engine in self.baselines else engine
-        return [*self.overrides, ENGINE_OVERRIDE.format(engine=built_with)]
+        built_with, extra = ENGINE_VARIANTS.get(built_with, (built_with, ()))
+        return [*self.overrides, ENGINE_OVERRIDE.format(engine=built_with), *extra]
 
 
 WORKLOADS: dict[str, Workload] = {}
@@ -216,6 +225,7 @@ for _steps in (1, 5):
                 "task.num_support=10",
                 "task.num_query=100",
             ),
+            engines=("functional", "functional_compiled", "higher"),
             baselines={
                 "plain_loop": plain_loop_maml_meta_loss,
                 "vmap_reference": vmap_reference_maml_meta_loss,

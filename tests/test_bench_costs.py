@@ -51,3 +51,30 @@ def test_reptile_sequence_bytes_by_hand():
     assert terms["T"] == real < batch.num_tasks * terms["S"]
     assert cost["bytes"] == real * params * 4 * 2
     assert cost["flops"] == real * 3 * terms["F"]
+
+
+def test_bench_times_the_compiled_engine_and_reports_its_compile_time(tmp_path):
+    """``python -m benchmarks.run`` with the ``functional_compiled`` engine on sine MAML:
+    its meta-gradient passes the float64 check against the functional engine, and its
+    entry holds the first step's cold torch.compile time apart from the median."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--workloads", "sine_maml_1step",
+         "--engines", "functional,functional_compiled", "--threads", "1", "--warmup", "1",
+         "--min-steps", "2", "--max-steps", "2", "--min-time", "0", "--out", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    check = report["grad_checks"]["sine_maml_1step"]["functional_compiled"]
+    assert check["ok"] and check["max_rel_diff"] < 1e-12
+    entry = next(e for e in report["results"] if e["engine"] == "functional_compiled")
+    assert entry["status"] == "ok" and len(entry["compile_s"]) == 1
+    assert entry["compile_s"][0] > 0 and entry["first_step_s"][0] > entry["median_s_per_step"]
+    assert "torch.compile in the first step" in proc.stdout
