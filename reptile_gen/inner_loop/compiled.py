@@ -463,7 +463,9 @@ class _CompiledMAML(torch.autograd.Function):
             # the meta-gradient is linear in the query losses' adjoints
             flat = torch.mv(per_task.t(), g_query.view(-1).to(per_task.dtype))
             sizes = [p.numel() for p in theta]
-            grads = [t.view(p.shape) for t, p in zip(flat.split(sizes), theta)]
+            grads = [
+                t if p.dim() == 1 else t.view(p.shape) for t, p in zip(flat.split(sizes), theta)
+            ]
         else:  # the step or element losses are part of the objective: the general reverse
             num_tasks, support = ctx.data[2].shape
             num_steps = len(ctx.programs[2])
