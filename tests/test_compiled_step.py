@@ -45,15 +45,26 @@ MODES = [
 
 
 def _outputs(engine, model, batch, lr, steps, grad_mode, spec, adjoints):
-    """Losses and the gradient of ``sum(adjoint * output)`` over the three outputs (an
-    adjoint of None leaves that output out of the objective)."""
+    """Losses and the gradient of ``sum(adjoint * output)`` over the four outputs: the
+    task-mean final query loss (MAML's objective), the query, step and element losses
+    (an adjoint of None leaves that output out of the objective)."""
     result = engine.run(
         model, batch, spec.elementwise_loss, lr, InnerSchedule(num_steps=steps), grad_mode
     )
-    outs = (result.query_losses, result.step_losses, result.element_losses)
+    outs = (
+        result.query_objective(),
+        result.query_losses,
+        result.step_losses,
+        result.element_losses,
+    )
     value = sum((a * o).sum() for a, o in zip(adjoints, outs) if a is not None)
     grads = torch.autograd.grad(value, list(model.parameters()))
     return [o.detach() for o in outs], grads
+
+
+#: which outputs carry an adjoint: the objective alone (MAML's training step), the query
+#: losses, both, or every output (the general reverse)
+WHICH = ("objective", "query", "objective+query", "all")
 
 
 def _adjoints(batch, steps, which):
@@ -63,10 +74,14 @@ def _adjoints(batch, steps, which):
     def draw(*shape):
         return torch.rand(*shape, generator=g, dtype=torch.float64) + 0.5
 
-    query = draw(b, 1)
+    objective, query, step, element = draw(()), draw(b, 1), draw(b, steps), draw(b, k)
+    if which == "objective":
+        return objective, None, None, None
     if which == "query":
-        return query, None, None
-    return query, draw(b, steps), draw(b, k)
+        return None, query, None, None
+    if which == "objective+query":
+        return objective, query, None, None
+    return objective, query, step, element
 
 
 @pytest.mark.parametrize("activation", ["relu", "tanh", "gelu", "silu"])
@@ -80,7 +95,7 @@ def test_programs_match_the_eager_engine(activation, loss):
     for steps, grad_mode, truncate in MODES:
         eager = FunctionalEngine(truncate_steps=truncate)
         program = FunctionalEngine(truncate_steps=truncate, compile="eager")
-        for which in ("query", "all"):
+        for which in WHICH:
             adjoints = _adjoints(batch, steps, which)
             what = f"{activation} {loss} {steps} steps {grad_mode} truncate={truncate} {which}"
             outs_a, grads_a = _outputs(program, model, batch, lr, steps, grad_mode, spec, adjoints)
@@ -107,7 +122,7 @@ def test_compiled_programs_match_the_eager_engine():
     model = make_model(body=functools.partial(MLP, hidden_sizes=[6, 5], activation="relu"))
     batch = make_batch(lengths=PADDED_LENGTHS)
     lr = make_lr(model, init=0.1)
-    for which in ("query", "all"):
+    for which in WHICH:
         adjoints = _adjoints(batch, 2, which)
         a = _outputs(FunctionalEngine(compile=True), model, batch, lr, 2, "second_order",
                      CONTINUOUS, adjoints)  # fmt: skip
@@ -160,6 +175,7 @@ def test_what_the_programs_do_not_cover_is_a_clear_error():
     with pytest.raises(ValueError, match="compile=True with algorithm.inner_loop=lowrank"):
         make_engine("lowrank", compile=True)
     # the backward is written out, not differentiable
-    loss = run(model).final_query_loss.sum()
-    with pytest.raises(RuntimeError, match="not differentiable.*compile=false"):
-        torch.autograd.grad(loss, [model.head.weight], create_graph=True)
+    for result in (run(model), run(model)):
+        for loss in (result.query_objective(), result.final_query_loss.sum()):
+            with pytest.raises(RuntimeError, match="not differentiable.*compile=false"):
+                torch.autograd.grad(loss, [model.head.weight], create_graph=True)

@@ -197,7 +197,7 @@ class MetaLearner(pl.LightningModule):
         length or on how far a batch is padded.
         """
         if self.objective == "query":
-            return result.final_query_loss.mean()
+            return result.query_objective()
         real = batch.support_mask.sum().clamp(min=1).to(result.element_losses.dtype)
         return result.element_losses.sum() / real
 

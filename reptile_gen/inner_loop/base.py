@@ -32,6 +32,9 @@ class InnerLoopResult:
         adapted_mean: their task-mean ``{name: [...]}``, filled instead of ``adapted`` by
             an engine that computes it directly (``return_adapted="mean"``: the low-rank
             engine, in one GEMM per layer, without a per-task copy of each weight).
+        mean_final_query_loss: the task-mean of the final query loss as its own output
+            with a direct backward (the compiled meta-step: its gradient is the task-mean
+            meta-gradient it already holds), or None; see :meth:`query_objective`.
     """
 
     step_losses: torch.Tensor
@@ -39,6 +42,13 @@ class InnerLoopResult:
     query_losses: torch.Tensor | None = None
     adapted: dict[str, torch.Tensor] | None = None
     adapted_mean: dict[str, torch.Tensor] | None = None
+    mean_final_query_loss: torch.Tensor | None = None
+
+    def query_objective(self) -> torch.Tensor:
+        """The task-mean of the final query loss (MAML's meta-objective)."""
+        if self.mean_final_query_loss is not None:
+            return self.mean_final_query_loss
+        return self.final_query_loss.mean()
 
     @property
     def final_query_loss(self) -> torch.Tensor:

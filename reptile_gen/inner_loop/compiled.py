@@ -376,13 +376,15 @@ def _make_programs(acts, loss, rate, first_order, compile_):
         return theta_bar
 
     def fused(theta, sx, sy, support_mask, qx, qy):
-        """The losses and each task's meta-gradient of its query loss, ``[B, P]`` (the
-        usual objective: only the query losses carry adjoints, and the meta-gradient is
-        linear in them)."""
+        """The losses, their task-mean (MAML's objective), each task's meta-gradient of
+        its query loss (``[B, P]``) and their mean (the objective's meta-gradient, one
+        tensor per parameter): when only the query losses carry adjoints, the
+        meta-gradient is linear in them and nothing is left for the backward to run."""
         query, steps, elements, saved = forward(theta, sx, sy, support_mask, qx, qy)
         per_task = reverse(saved, sy, torch.ones_like(query))
         flat = torch.cat([t.reshape(t.shape[0], -1) for t in per_task], 1)
-        return query, steps, elements, flat
+        mean_grads = [t.mean(0) for t in per_task]
+        return query.mean(), query, steps, elements, flat, mean_grads
 
     def full(theta, sx, sy, support_mask, qx, qy, g_query, g_steps, g_elements):
         """The meta-gradient for any adjoints of the three losses (recomputes the loop)."""
@@ -442,24 +444,33 @@ def _programs(key):
 class _CompiledMAML(torch.autograd.Function):
     @staticmethod
     def forward(ctx, programs, data, *theta):
-        query, steps, elements, per_task = programs[0](theta, *data)
+        objective, query, steps, elements, per_task, mean_grads = programs[0](theta, *data)
         ctx.set_materialize_grads(False)
-        ctx.programs, ctx.data, ctx.theta, ctx.per_task = programs, data, theta, per_task
-        return query, steps, elements
+        ctx.programs, ctx.data, ctx.theta = programs, data, theta
+        ctx.per_task, ctx.mean_grads = per_task, mean_grads
+        return objective, query, steps, elements
 
     @staticmethod
-    def backward(ctx, g_query, g_steps, g_elements):
+    def backward(ctx, g_objective, g_query, g_steps, g_elements):
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "algorithm.compile=true: the compiled meta-gradient is not differentiable "
                 "(a backward with create_graph=True through it is not supported); set "
                 "algorithm.compile=false for higher-order gradients"
             )
-        theta, per_task = ctx.theta, ctx.per_task
-        ctx.per_task = ctx.theta = None
+        theta, per_task, mean_grads = ctx.theta, ctx.per_task, ctx.mean_grads
+        ctx.per_task = ctx.mean_grads = ctx.theta = None
+        none = (None, None, *[None] * len(theta))
+        if g_query is None and g_steps is None and g_elements is None:
+            # MAML's objective alone: its meta-gradient is already there
+            if g_objective is None:
+                return none
+            return (None, None, *torch._foreach_mul(mean_grads, g_objective))
+        num_tasks = per_task.shape[0]
+        if g_objective is not None:  # the objective is the query losses' mean
+            g_mean = g_objective.expand(num_tasks, 1) / num_tasks
+            g_query = g_mean if g_query is None else g_query + g_mean
         if g_steps is None and g_elements is None:
-            if g_query is None:
-                return (None, None, *[None] * len(theta))
             # the meta-gradient is linear in the query losses' adjoints
             flat = torch.mv(per_task.t(), g_query.view(-1).to(per_task.dtype))
             sizes = [p.numel() for p in theta]
@@ -467,7 +478,7 @@ class _CompiledMAML(torch.autograd.Function):
                 t if p.dim() == 1 else t.view(p.shape) for t, p in zip(flat.split(sizes), theta)
             ]
         else:  # the step or element losses are part of the objective: the general reverse
-            num_tasks, support = ctx.data[2].shape
+            support = ctx.data[2].shape[1]
             num_steps = len(ctx.programs[2])
             zeros = per_task.new_zeros
             grads = ctx.programs[1](
@@ -481,9 +492,10 @@ class _CompiledMAML(torch.autograd.Function):
 
 
 def run_compiled(model, plan_, loss, rate, batch, first_order, compile_=True):
-    """``(query losses [B, 1], step losses [B, n], first-step element losses [B, K])`` of
-    a few-shot inner loop with ``len(first_order)`` steps (True: a first-order step),
-    differentiable w.r.t. the model's parameters through the compiled reverse pass."""
+    """``(mean query loss [], query losses [B, 1], step losses [B, n], first-step element
+    losses [B, K])`` of a few-shot inner loop with ``len(first_order)`` steps (True: a
+    first-order step), differentiable w.r.t. the model's parameters through the compiled
+    reverse pass."""
     key = (plan_.activations, loss, float(rate), tuple(first_order), bool(compile_))
     data = (batch.support_x, batch.support_y, batch.support_mask, batch.query_x, batch.query_y)
     return _CompiledMAML.apply(_programs(key), data, *plan_.parameters())

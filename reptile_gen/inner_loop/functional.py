@@ -287,14 +287,14 @@ class FunctionalEngine(InnerLoopEngine):
             kept = num_steps if self.truncate_steps is None else self.truncate_steps
             first_order = tuple(i < num_steps - kept for i in range(num_steps))
         rate = next(iter(rates.values()))
-        query, steps, elements = compiled.run_compiled(
+        objective, query, steps, elements = compiled.run_compiled(
             model, plan_, loss, rate, batch, first_order, compile_=self.compile is True
         )
         return InnerLoopResult(
             step_losses=steps,
             element_losses=elements,
             query_losses=query,
-            adapted=None,
+            mean_final_query_loss=objective,
         )
 
 
