@@ -22,6 +22,7 @@ from helpers import (
     make_batch,
     make_lr,
     make_model,
+    wrt,
 )
 
 from reptile_gen.data.task_spec import TaskSpec
@@ -58,7 +59,7 @@ def _outputs(engine, model, batch, lr, steps, grad_mode, spec, adjoints):
         result.element_losses,
     )
     value = sum((a * o).sum() for a, o in zip(adjoints, outs) if a is not None)
-    grads = torch.autograd.grad(value, list(model.parameters()))
+    grads = torch.autograd.grad(value, wrt(model, lr))
     return [o.detach() for o in outs], grads
 
 
@@ -104,6 +105,27 @@ def test_programs_match_the_eager_engine(activation, loss):
             assert_all_close(grads_a, grads_b, what=what)
 
 
+@pytest.mark.parametrize("learned", ["scalar", "per_tensor", "per_parameter"])
+def test_learned_inner_rates(learned):
+    """Meta-SGD: the rates' meta-gradients too, second and first order (the rates still
+    learn under first-order MAML), every combination of adjoints."""
+    for activation, loss in (("tanh", "mse"), ("relu", "cross_entropy")):
+        spec = SPECS[loss]
+        body = functools.partial(MLP, hidden_sizes=[6, 5], activation=activation)
+        model = make_model(spec, body=body)
+        batch = make_batch(spec, lengths=PADDED_LENGTHS)
+        lr = make_lr(model, learned, init=0.1)
+        for steps, grad_mode, truncate in MODES:
+            eager = FunctionalEngine(truncate_steps=truncate)
+            program = FunctionalEngine(truncate_steps=truncate, compile="eager")
+            for which in WHICH:
+                adjoints = _adjoints(batch, steps, which)
+                what = f"{learned} {activation} {loss} {steps} {grad_mode} {truncate} {which}"
+                a = _outputs(program, model, batch, lr, steps, grad_mode, spec, adjoints)
+                b = _outputs(eager, model, batch, lr, steps, grad_mode, spec, adjoints)
+                assert_all_close(a[0] + list(a[1]), b[0] + list(b[1]), what=what)
+
+
 def test_one_hidden_layer_and_three_hidden_layers():
     for sizes in ([7], [6, 5, 4]):
         model = make_model(body=functools.partial(MLP, hidden_sizes=sizes, activation="tanh"))
@@ -118,10 +140,11 @@ def test_one_hidden_layer_and_three_hidden_layers():
 
 def test_compiled_programs_match_the_eager_engine():
     """torch.compile for real (Inductor, C++): the fused program (query objective) and
-    the general reverse (step losses in the objective) on a float64 relu MLP."""
+    the general reverse (step losses in the objective) on a float64 relu MLP with a
+    learned scalar inner rate."""
     model = make_model(body=functools.partial(MLP, hidden_sizes=[6, 5], activation="relu"))
     batch = make_batch(lengths=PADDED_LENGTHS)
-    lr = make_lr(model, init=0.1)
+    lr = make_lr(model, "scalar", init=0.1)
     for which in WHICH:
         adjoints = _adjoints(batch, 2, which)
         a = _outputs(FunctionalEngine(compile=True), model, batch, lr, 2, "second_order",
@@ -136,7 +159,9 @@ def test_evaluation_runs_the_eager_path(monkeypatch):
     """No meta-gradient (grad_mode none, tracked query losses): the engine's eager path."""
     calls = []
     real = compiled_module.run_compiled
-    monkeypatch.setattr(compiled_module, "run_compiled", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(
+        compiled_module, "run_compiled", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     model = make_model()
     batch = make_batch()
     lr = make_lr(model)
@@ -164,8 +189,6 @@ def test_what_the_programs_do_not_cover_is_a_clear_error():
     with pytest.raises(ValueError, match="input encoder is a DiscreteEncoder"):
         run(make_model(CLASSES), spec=CLASSES, batch=make_batch(CLASSES))
     model = make_model()
-    with pytest.raises(ValueError, match="learned inner learning rates.*inner_lr_learned=none"):
-        run(model, lr=make_lr(model, "scalar"))
     with pytest.raises(ValueError, match="checkpoint_segments='auto'.*checkpoint_segments=null"):
         run(model, engine=FunctionalEngine(compile="eager", checkpoint_segments="auto"))
     with pytest.raises(ValueError, match="compile='fast'; allowed: false, true, eager"):

@@ -25,7 +25,8 @@ Two programs, joined by an ``autograd.Function`` (:class:`_CompiledMAML`):
 
 Covered (:func:`plan`): a ``SequenceModel`` with a continuous encoder, an ``MLP`` body
 (ReLU, Tanh, exact GELU or SiLU) and a ``Linear`` head; the squared-error, cross-entropy or
-Bernoulli loss; a fixed inner learning rate (shared by every tensor); the few-shot schedule
+Bernoulli loss; fixed or learned inner learning rates (Meta-SGD: scalar, per tensor, per
+parameter; their gradient ``-sum(theta_bar' * g)`` per step); the few-shot schedule
 (every step on the whole support set, masks allowed); no checkpointing. Meta-training
 steps of ``maml``/``fomaml`` run here; evaluation (no meta-gradient) and anything else of
 the engine run its eager path, with the same numbers (float64 parity tests). Width-1 layers
@@ -66,10 +67,11 @@ _PROGRAMS: dict = {}
 # ------------------------------------------------------------------------------ the plan
 @dataclass(frozen=True)
 class Plan:
-    """What the compiled program of one model runs: its ``Linear`` layers in order and
-    each hidden layer's activation."""
+    """What the compiled program of one model runs: its ``Linear`` layers in order, their
+    parameters' names (weight, bias per layer) and each hidden layer's activation."""
 
     layers: tuple[nn.Linear, ...]
+    names: tuple[str, ...]
     activations: tuple[str, ...]
 
     def parameters(self) -> list[torch.Tensor]:
@@ -117,27 +119,23 @@ def plan(model: nn.Module) -> Plan:
     if len(activations) != len(linears):
         raise refuse("a hidden Linear layer without an activation after it")
     linears.append(model.head)
-    if 2 * len(linears) != len(list(model.parameters())):
+    ids = {id(p): n for n, p in model.named_parameters()}
+    names = tuple(ids[id(p)] for layer in linears for p in (layer.weight, layer.bias))
+    if len(names) != len(ids):
         raise refuse("the model holds parameters outside its Linear layers")
-    result = Plan(tuple(linears), tuple(activations))
+    result = Plan(tuple(linears), names, tuple(activations))
     _PLANS[model] = result
     return result
 
 
-def check_call(loss_fn, rates: dict, checkpoint_segments) -> str:
-    """The loss's name in the compiled program; a ``ValueError`` for a loss, learned rates
-    or an option it does not cover."""
+def check_call(loss_fn, checkpoint_segments) -> str:
+    """The loss's name in the compiled program; a ``ValueError`` for a loss or an option
+    it does not cover."""
     loss = _LOSS_NAMES.get(closed_form_loss(loss_fn))
     if loss is None:
         raise ValueError(
             "algorithm.compile=true: the task's loss has no closed form here; covered: the "
             "squared error, cross entropy and Bernoulli losses of the built-in tasks"
-        )
-    if any(torch.is_tensor(r) for r in rates.values()):
-        raise ValueError(
-            "algorithm.compile=true with learned inner learning rates "
-            "(algorithm.inner_lr_learned != none); allowed: inner_lr_learned=none, or "
-            "algorithm.compile=false"
         )
     if checkpoint_segments is not None:
         raise ValueError(
@@ -290,17 +288,27 @@ def _rpass(params, acts, v, inputs, pre, deltas, back, rd_of):
 
 
 # ------------------------------------------------------------------------------ programs
-def _make_programs(acts, loss, rate, first_order, compile_):
-    """The forward and reverse programs of one configuration (compiled unless
-    ``compile_`` is False: the same code eagerly, for tests)."""
+def _make_programs(acts, loss, fixed, first_order, compile_):
+    """The programs of one configuration (compiled unless ``compile_`` is False: the same
+    code eagerly). ``fixed`` holds each parameter's inner rate: a float, or None for a
+    learned rate (a tensor input of the programs, Meta-SGD)."""
     loss_grad = {"mse": _mse_and_grad, "cross_entropy": _cross_entropy_and_grad,
                  "bce": _bce_and_grad}[loss]  # fmt: skip
     curvature = _CURVATURE[loss_grad]
     num_steps = len(first_order)
     num = 2 * (len(acts) + 1)
+    learned = [i for i, f in enumerate(fixed) if f is None]
 
-    def forward(theta, sx, sy, support_mask, qx, qy):
+    def aligned(rates):
+        """Each parameter's rate: its float, or its learned tensor from ``rates``."""
+        out = list(fixed)
+        for i, r in zip(learned, rates):
+            out[i] = r
+        return out
+
+    def forward(theta, rates, sx, sy, support_mask, qx, qy):
         params = list(theta)
+        r = aligned(rates)
         mask = support_mask.to(params[0].dtype)
         weights = mask / mask.sum(1, keepdim=True).clamp(min=1)  # each step: a masked mean
         step_losses, saved = [], []
@@ -313,7 +321,8 @@ def _make_programs(acts, loss, rate, first_order, compile_):
                 element_losses = elements * mask
             grads, deltas, back = _backward(params, acts, g * weights.unsqueeze(-1), inputs, pre)
             saved += [*params, *inputs, *pre, *deltas, *back[1:], pred, g]
-            params = [p - rate * gp for p, gp in zip(params, grads)]
+            saved += [grads[i] for i in learned]  # the learned rates' gradients need them
+            params = [p - rate * gp for p, rate, gp in zip(params, r, grads)]
         pred, inputs, pre = _forward(params, qx, acts)
         elements, g = loss_grad(pred, qy)
         saved += [*params, *inputs, *pre, g, weights, mask]
@@ -333,11 +342,15 @@ def _make_programs(acts, loss, rate, first_order, compile_):
         back = [None, *saved[at : at + n_layers - 1]]
         at += n_layers - 1
         pred, g = saved[at], saved[at + 1]
-        return (params, inputs, pre, deltas, back, pred, g), at + 2
+        at += 2
+        grads = saved[at : at + len(learned)]
+        return (params, inputs, pre, deltas, back, pred, g, grads), at + len(learned)
 
-    def reverse(saved, sy, g_query, g_steps=None, g_elements=None):
-        """Per-task gradients w.r.t. the initial parameters for the adjoints of the query
-        losses, step losses and element losses (None: zero)."""
+    def reverse(saved, sy, rates, g_query, g_steps=None, g_elements=None):
+        """Per-task gradients w.r.t. the initial parameters and the learned rates (one
+        per parameter with a learned rate, reduced to its shape) for the adjoints of the
+        query losses, step losses and element losses (None: zero)."""
+        r = aligned(rates)
         steps = []
         at = 0
         for _ in range(num_steps):
@@ -351,8 +364,15 @@ def _make_programs(acts, loss, rate, first_order, compile_):
         g, weights, mask = saved[at + n_layers - 1 :]
         d = g * (g_query / g.shape[1]).view(-1, 1, 1)
         theta_bar, _, _ = _backward(params, acts, d, inputs, pre)
+        rate_bar: list = [None] * len(learned)
         for k in reversed(range(num_steps)):
-            params, inputs, pre, deltas, back, pred, g = steps[k]
+            params, inputs, pre, deltas, back, pred, g, grads = steps[k]
+            # theta' = theta - r * grad: the rate's adjoint is -sum(theta_bar' * grad)
+            for j, (i, gp) in enumerate(zip(learned, grads)):
+                term = -(theta_bar[i] * gp)
+                if r[i].dim() == 0:
+                    term = term.reshape(term.shape[0], -1).sum(1)
+                rate_bar[j] = term if rate_bar[j] is None else rate_bar[j] + term
             seed = None
             if g_steps is not None:
                 c = g_steps[:, k : k + 1] * weights
@@ -365,31 +385,32 @@ def _make_programs(acts, loss, rate, first_order, compile_):
                 extra, _, _ = _backward(params, acts, seed, inputs, pre)
             else:
                 # -r H theta_bar + B(seed): the R-pass is linear in (v, seed)
-                v = [-rate * t for t in theta_bar]
+                v = [-(rate * t) for rate, t in zip(r, theta_bar)]
                 zero = torch.zeros_like(pred) if seed is None else seed
 
-                def rd_of(r, pred=pred, seed=zero):
-                    return curvature(pred, sy, r, weights, seed)
+                def rd_of(rp, pred=pred, seed=zero):
+                    return curvature(pred, sy, rp, weights, seed)
 
                 extra = _rpass(params, acts, v, inputs, pre, deltas, back, rd_of)
             theta_bar = [t + e for t, e in zip(theta_bar, extra)]
-        return theta_bar
+        return theta_bar + rate_bar
 
-    def fused(theta, sx, sy, support_mask, qx, qy):
+    def fused(theta, rates, sx, sy, support_mask, qx, qy):
         """The losses, their task-mean (MAML's objective), each task's meta-gradient of
-        its query loss (``[B, P]``) and their mean (the objective's meta-gradient, one
-        tensor per parameter): when only the query losses carry adjoints, the
-        meta-gradient is linear in them and nothing is left for the backward to run."""
-        query, steps, elements, saved = forward(theta, sx, sy, support_mask, qx, qy)
-        per_task = reverse(saved, sy, torch.ones_like(query))
+        its query loss (``[B, P]``: parameters, then learned rates) and their mean (the
+        objective's meta-gradient, one tensor per input): when only the query losses
+        carry adjoints, the meta-gradient is linear in them and nothing is left for the
+        backward to run."""
+        query, steps, elements, saved = forward(theta, rates, sx, sy, support_mask, qx, qy)
+        per_task = reverse(saved, sy, rates, torch.ones_like(query))
         flat = torch.cat([t.reshape(t.shape[0], -1) for t in per_task], 1)
         mean_grads = [t.mean(0) for t in per_task]
         return query.mean(), query, steps, elements, flat, mean_grads
 
-    def full(theta, sx, sy, support_mask, qx, qy, g_query, g_steps, g_elements):
+    def full(theta, rates, sx, sy, support_mask, qx, qy, g_query, g_steps, g_elements):
         """The meta-gradient for any adjoints of the three losses (recomputes the loop)."""
-        _, _, _, saved = forward(theta, sx, sy, support_mask, qx, qy)
-        grads = reverse(saved, sy, g_query, g_steps, g_elements)
+        _, _, _, saved = forward(theta, rates, sx, sy, support_mask, qx, qy)
+        grads = reverse(saved, sy, rates, g_query, g_steps, g_elements)
         return [t.sum(0) for t in grads]
 
     if not compile_:
@@ -442,11 +463,18 @@ def _programs(key):
 
 
 class _CompiledMAML(torch.autograd.Function):
+    """The compiled few-shot inner loop as one autograd node. Inputs: the parameters,
+    then the distinct learned rate tensors; ``slots[j]`` is the rate tensor of the
+    ``j``-th parameter with a learned rate (one shared scalar feeds them all)."""
+
     @staticmethod
-    def forward(ctx, programs, data, *theta):
-        objective, query, steps, elements, per_task, mean_grads = programs[0](theta, *data)
+    def forward(ctx, programs, data, slots, num_params, *tensors):
+        theta, rate_tensors = tensors[:num_params], tensors[num_params:]
+        rates = [rate_tensors[s] for s in slots]
+        objective, query, steps, elements, per_task, mean_grads = programs[0](theta, rates, *data)
         ctx.set_materialize_grads(False)
-        ctx.programs, ctx.data, ctx.theta = programs, data, theta
+        ctx.programs, ctx.data, ctx.slots = programs, data, slots
+        ctx.theta, ctx.rates, ctx.rate_tensors = theta, rates, rate_tensors
         ctx.per_task, ctx.mean_grads = per_task, mean_grads
         return objective, query, steps, elements
 
@@ -458,44 +486,66 @@ class _CompiledMAML(torch.autograd.Function):
                 "(a backward with create_graph=True through it is not supported); set "
                 "algorithm.compile=false for higher-order gradients"
             )
-        theta, per_task, mean_grads = ctx.theta, ctx.per_task, ctx.mean_grads
-        ctx.per_task = ctx.mean_grads = ctx.theta = None
-        none = (None, None, *[None] * len(theta))
+        theta, rates, per_task = ctx.theta, ctx.rates, ctx.per_task
+        inputs = [*theta, *rates]  # what the programs' gradients are for, in order
+        head = (None, None, None, None)
         if g_query is None and g_steps is None and g_elements is None:
             # MAML's objective alone: its meta-gradient is already there
             if g_objective is None:
-                return none
-            return (None, None, *torch._foreach_mul(mean_grads, g_objective))
-        num_tasks = per_task.shape[0]
-        if g_objective is not None:  # the objective is the query losses' mean
-            g_mean = g_objective.expand(num_tasks, 1) / num_tasks
-            g_query = g_mean if g_query is None else g_query + g_mean
-        if g_steps is None and g_elements is None:
-            # the meta-gradient is linear in the query losses' adjoints
-            flat = torch.mv(per_task.t(), g_query.view(-1).to(per_task.dtype))
-            sizes = [p.numel() for p in theta]
-            grads = [
-                t if p.dim() == 1 else t.view(p.shape) for t, p in zip(flat.split(sizes), theta)
-            ]
-        else:  # the step or element losses are part of the objective: the general reverse
-            support = ctx.data[2].shape[1]
-            num_steps = len(ctx.programs[2])
-            zeros = per_task.new_zeros
-            grads = ctx.programs[1](
-                [p.detach() for p in theta],
-                *ctx.data,
-                zeros(num_tasks) if g_query is None else g_query.view(-1),
-                zeros(num_tasks, num_steps) if g_steps is None else g_steps,
-                zeros(num_tasks, support) if g_elements is None else g_elements,
-            )
-        return (None, None, *grads)
+                return (*head, *[None] * (len(theta) + len(ctx.rate_tensors)))
+            grads = torch._foreach_mul(ctx.mean_grads, g_objective)
+        else:
+            num_tasks = per_task.shape[0]
+            if g_objective is not None:  # the objective is the query losses' mean
+                g_mean = g_objective.expand(num_tasks, 1) / num_tasks
+                g_query = g_mean if g_query is None else g_query + g_mean
+            if g_steps is None and g_elements is None:
+                # the meta-gradient is linear in the query losses' adjoints
+                flat = torch.mv(per_task.t(), g_query.view(-1).to(per_task.dtype))
+                sizes = [p.numel() for p in inputs]
+                grads = [
+                    t if p.dim() == 1 else t.view(p.shape)
+                    for t, p in zip(flat.split(sizes), inputs)
+                ]
+            else:  # the step or element losses are in the objective: the general reverse
+                support = ctx.data[2].shape[1]
+                num_steps = len(ctx.programs[2])
+                zeros = per_task.new_zeros
+                grads = ctx.programs[1](
+                    [p.detach() for p in theta],
+                    [r.detach() for r in rates],
+                    *ctx.data,
+                    zeros(num_tasks) if g_query is None else g_query.view(-1),
+                    zeros(num_tasks, num_steps) if g_steps is None else g_steps,
+                    zeros(num_tasks, support) if g_elements is None else g_elements,
+                )
+        ctx.per_task = ctx.mean_grads = ctx.theta = ctx.rates = None
+        rate_grads: list = [None] * len(ctx.rate_tensors)
+        for slot, grad in zip(ctx.slots, grads[len(theta) :]):
+            grad = grad.view(ctx.rate_tensors[slot].shape)
+            rate_grads[slot] = grad if rate_grads[slot] is None else rate_grads[slot] + grad
+        return (*head, *grads[: len(theta)], *rate_grads)
 
 
-def run_compiled(model, plan_, loss, rate, batch, first_order, compile_=True):
+def run_compiled(model, plan_, loss, rates, batch, first_order, compile_=True):
     """``(mean query loss [], query losses [B, 1], step losses [B, n], first-step element
     losses [B, K])`` of a few-shot inner loop with ``len(first_order)`` steps (True: a
-    first-order step), differentiable w.r.t. the model's parameters through the compiled
-    reverse pass."""
-    key = (plan_.activations, loss, float(rate), tuple(first_order), bool(compile_))
+    first-order step), differentiable w.r.t. the model's parameters and learned inner
+    rates through the compiled reverse pass. ``rates``: ``{name: float or tensor}``."""
+    per_param = [rates[name] for name in plan_.names]
+    fixed = tuple(None if torch.is_tensor(r) else float(r) for r in per_param)
+    rate_tensors: list = []
+    slots = []
+    for r in per_param:
+        if torch.is_tensor(r):
+            found = next((i for i, t in enumerate(rate_tensors) if t is r), None)
+            if found is None:
+                rate_tensors.append(r)
+                found = len(rate_tensors) - 1
+            slots.append(found)
+    key = (plan_.activations, loss, fixed, tuple(first_order), bool(compile_))
     data = (batch.support_x, batch.support_y, batch.support_mask, batch.query_x, batch.query_y)
-    return _CompiledMAML.apply(_programs(key), data, *plan_.parameters())
+    theta = plan_.parameters()
+    return _CompiledMAML.apply(
+        _programs(key), data, tuple(slots), len(theta), *theta, *rate_tensors
+    )

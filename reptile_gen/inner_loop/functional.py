@@ -271,7 +271,7 @@ class FunctionalEngine(InnerLoopEngine):
         is not one, e.g. evaluation; the eager path runs it)."""
         plan_ = compiled.plan(model)  # a model it does not cover is an error on any call
         rates = lr.rates_by_name()
-        loss = compiled.check_call(loss_fn, rates, self.checkpoint_segments)
+        loss = compiled.check_call(loss_fn, self.checkpoint_segments)
         if (
             eager_only
             or grad_mode == "none"
@@ -286,9 +286,8 @@ class FunctionalEngine(InnerLoopEngine):
         else:
             kept = num_steps if self.truncate_steps is None else self.truncate_steps
             first_order = tuple(i < num_steps - kept for i in range(num_steps))
-        rate = next(iter(rates.values()))
         objective, query, steps, elements = compiled.run_compiled(
-            model, plan_, loss, rate, batch, first_order, compile_=self.compile is True
+            model, plan_, loss, rates, batch, first_order, compile_=self.compile is True
         )
         return InnerLoopResult(
             step_losses=steps,
