@@ -50,7 +50,7 @@ ENGINE_OVERRIDE = "algorithm.inner_loop={engine}"
 
 #: engines that are another engine with options: ``{name: (engine, extra overrides)}``
 ENGINE_VARIANTS = {
-    # the functional engine's meta-training step as two torch.compile-d programs
+    # the functional engine's meta-training step as a torch.compile-d program
     # (reptile_gen.inner_loop.compiled); its first step's compile time is reported apart
     "functional_compiled": ("functional", ("algorithm.compile=true",)),
 }

@@ -1,4 +1,4 @@
-"""``algorithm.compile=true``: the few-shot MAML meta-step of an MLP as two compiled programs.
+"""``algorithm.compile=true``: the few-shot MAML meta-step of an MLP as a compiled program.
 
 On small models (sine MAML: 1-40-40-1) the functional engine's hand-written passes
 (:mod:`.batched`, :mod:`.second_order`) are bound by eager per-op overhead: a few hundred
@@ -10,18 +10,26 @@ compiled once per configuration and shape: Inductor fuses the elementwise work (
 activations, their derivatives, the losses, the SGD updates, the masks) into a few
 generated C++ loops around the matmuls.
 
-Two programs, joined by an ``autograd.Function`` (:class:`_CompiledMAML`):
+The pieces, traced into the programs:
 
 * **forward**: the inner SGD steps on the support set from the shared initial parameters
-  (the first step's layers are one ``mm`` over all tasks), then the query loss; it returns
-  the step losses, the first step's element losses and the query losses, plus what the
-  reverse pass needs.
+  (the first step's layers are one ``mm`` over all tasks), then the query loss: the step
+  losses, the first step's element losses and the query losses, plus what the reverse
+  pass needs.
 * **reverse**: the query loss's gradient at the adapted parameters, then back through each
-  inner step ``theta' = theta - r g(theta)``: ``theta_bar = theta_bar' - r H theta_bar' +
+  inner step ``theta' = theta - r g(theta)``: ``theta_bar = theta_bar' - H (r theta_bar') +
   B(c dloss/dpred)`` with the Hessian-vector product by Pearlmutter's R-operator (each
   activation's second derivative written out) and ``B`` the backward pass seeded with the
   step- and element-loss adjoints ``c``; first-order steps (``fomaml``, truncation) keep
-  only ``B``. Its output is the gradient w.r.t. the shared initial parameters.
+  only ``B``; learned rates get ``-sum(theta_bar' g)``.
+
+One program (``fused``) runs both with a unit adjoint on each task's query loss, since
+that is MAML's objective and the meta-gradient is linear in those adjoints: it returns
+the losses, their task-mean, each task's meta-gradient and their mean. The
+``autograd.Function`` around it (:class:`_CompiledMAML`) then has nothing left to run in
+backward but a scaling (``mv`` for other query adjoints). Only when the step or element
+losses are part of the objective does a second program (``full``, compiled at its first
+use) rerun the loop with those adjoints.
 
 Covered (:func:`plan`): a ``SequenceModel`` with a continuous encoder, an ``MLP`` body
 (ReLU, Tanh, exact GELU or SiLU) and a ``Linear`` head; the squared-error, cross-entropy or
