@@ -194,3 +194,20 @@ def test_what_the_programs_do_not_cover_is_a_clear_error():
         for loss in (result.query_objective(), result.final_query_loss.sum()):
             with pytest.raises(RuntimeError, match="not differentiable.*compile=false"):
                 torch.autograd.grad(loss, [model.head.weight], create_graph=True)
+
+
+def test_a_failed_compile_is_a_clear_error(monkeypatch):
+    """No C++ compiler (say): the first call's Inductor failure becomes an error that
+    says what is needed and which settings avoid it."""
+
+    def broken(*args, **kwargs):
+        raise OSError("g++: command not found")
+
+    monkeypatch.setattr(compiled_module, "_PROGRAMS", {})
+    monkeypatch.setattr(compiled_module.torch, "compile", lambda fn, **kw: broken)
+    model = make_model()
+    with pytest.raises(RuntimeError, match=r"needs g\+\+.*compile=eager.*OSError: g\+\+: command"):
+        FunctionalEngine(compile=True).run(
+            model, make_batch(), CONTINUOUS.elementwise_loss, make_lr(model),
+            InnerSchedule(num_steps=1), "second_order",
+        )  # fmt: skip

@@ -450,9 +450,10 @@ class _Compiled:
             out = self.program(*args)
         except Exception as error:  # noqa: BLE001 - re-raised with what to do
             raise RuntimeError(
-                "algorithm.compile=true: torch.compile of the meta-step failed (Inductor "
-                "builds C++ with the system compiler: it needs g++ and the Python headers); "
-                "set algorithm.compile=eager (same program, op by op) or false. Cause: "
+                "algorithm.compile=true: torch.compile of the meta-step failed (on CPU, "
+                "Inductor builds C++ with the system compiler: it needs g++ and the Python "
+                "headers; on GPU, Triton); set algorithm.compile=eager (same program, op by "
+                "op) or false. Cause: "
                 f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
             ) from error
         self.ok = True
