@@ -211,3 +211,23 @@ def test_a_failed_compile_is_a_clear_error(monkeypatch):
             model, make_batch(), CONTINUOUS.elementwise_loss, make_lr(model),
             InnerSchedule(num_steps=1), "second_order",
         )  # fmt: skip
+
+
+def test_a_replaced_layer_or_activation_is_seen():
+    """The plan holds the model's layers: replacing one (or an activation) replans."""
+    model = make_model(body=functools.partial(MLP, hidden_sizes=[6, 5], activation="tanh"))
+    batch = make_batch()
+    lr = make_lr(model)
+    adjoints = _adjoints(batch, 1, "objective")
+
+    def both():
+        a = _outputs(FunctionalEngine(compile="eager"), model, batch, lr, 1, "second_order",
+                     CONTINUOUS, adjoints)  # fmt: skip
+        b = _outputs(FunctionalEngine(), model, batch, lr, 1, "second_order", CONTINUOUS, adjoints)
+        assert_all_close(a[0] + list(a[1]), b[0] + list(b[1]))
+
+    both()
+    torch.manual_seed(3)
+    model.head = torch.nn.Linear(5, 1).double()
+    model.body.net[1] = torch.nn.ReLU()
+    both()

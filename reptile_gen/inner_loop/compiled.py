@@ -91,10 +91,12 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def plan(model: nn.Module) -> Plan:
-    """The :class:`Plan` of ``model``, or a ``ValueError`` saying what is not covered."""
+    """The :class:`Plan` of ``model``, or a ``ValueError`` saying what is not covered.
+    Cached per model and rebuilt when a submodule is replaced (its layers are held)."""
+    key = tuple(map(id, model.modules()))
     cached = _PLANS.get(model)
-    if cached is not None:
-        return cached
+    if cached is not None and cached[0] == key:
+        return cached[1]
     from reptile_gen.models import SequenceModel
     from reptile_gen.models.bodies import MLP
     from reptile_gen.models.encoders import ContinuousEncoder
@@ -132,7 +134,7 @@ def plan(model: nn.Module) -> Plan:
     if len(names) != len(ids):
         raise refuse("the model holds parameters outside its Linear layers")
     result = Plan(tuple(linears), names, tuple(activations))
-    _PLANS[model] = result
+    _PLANS[model] = (key, result)
     return result
 
 
