@@ -215,9 +215,8 @@ class _Activation(_Layer):
             return torch.ops.aten.tanh_backward(d, saved)
         if self.kind is nn.GELU:
             return torch.ops.aten.gelu_backward(d, saved, approximate=self.module.approximate)
-        if self.kind is nn.SiLU:  # aten's silu_backward has no derivative: by hand
-            s = torch.sigmoid(saved)
-            return d * (s * (1 + saved * (1 - s)))
+        if self.kind is nn.SiLU:
+            return d * silu_derivative(saved)
         return d
 
     rop = True  # every activation here has its second derivative written out below
@@ -241,25 +240,36 @@ class _Activation(_Layer):
         return _add(first, self._second(saved) * (r * d))
 
     def _second(self, saved) -> torch.Tensor:
-        """``sigma''(z)`` (from the saved output for tanh, the input otherwise)."""
-        if self.kind is nn.Tanh:  # d/dz (1 - t^2) = -2 t (1 - t^2)
-            return -2 * saved * (1 - saved * saved)
-        z = saved
-        if self.kind is nn.SiLU:  # s (1 - s) (2 + z (1 - 2 s))
-            s = torch.sigmoid(z)
-            return s * (1 - s) * (2 + z * (1 - 2 * s))
-        if self.module.approximate == "tanh":
-            # 0.5 z (1 + t), t = tanh(u), u = c (z + k z^3):
-            # (1 - t^2) u' + 0.5 z (1 - t^2) (u'' - 2 t u'^2)
-            c, k = math.sqrt(2 / math.pi), 0.044715
-            t = torch.tanh(c * (z + k * z**3))
-            du = c * (1 + 3 * k * z * z)
-            ddu = c * 6 * k * z
-            sech2 = 1 - t * t
-            return sech2 * du + 0.5 * z * sech2 * (ddu - 2 * t * du * du)
-        # exact GELU z Phi(z): phi(z) (2 - z^2)
-        phi = torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
-        return phi * (2 - z * z)
+        return activation_second(self.kind, saved, getattr(self.module, "approximate", "none"))
+
+
+def silu_derivative(z: torch.Tensor) -> torch.Tensor:
+    """``d/dz z sigmoid(z) = s (1 + z (1 - s))`` (aten's silu_backward has no derivative)."""
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def activation_second(kind: type, saved: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """``sigma''(z)`` of a Tanh, SiLU or GELU (``kind``: the module class), from the
+    activation's output for tanh and its input ``z`` otherwise."""
+    if kind is nn.Tanh:  # d/dz (1 - t^2) = -2 t (1 - t^2)
+        return -2 * saved * (1 - saved * saved)
+    z = saved
+    if kind is nn.SiLU:  # s (1 - s) (2 + z (1 - 2 s))
+        s = torch.sigmoid(z)
+        return s * (1 - s) * (2 + z * (1 - 2 * s))
+    if approximate == "tanh":
+        # 0.5 z (1 + t), t = tanh(u), u = c (z + k z^3):
+        # (1 - t^2) u' + 0.5 z (1 - t^2) (u'' - 2 t u'^2)
+        c, k = math.sqrt(2 / math.pi), 0.044715
+        t = torch.tanh(c * (z + k * z**3))
+        du = c * (1 + 3 * k * z * z)
+        ddu = c * 6 * k * z
+        sech2 = 1 - t * t
+        return sech2 * du + 0.5 * z * sech2 * (ddu - 2 * t * du * du)
+    # exact GELU z Phi(z): phi(z) (2 - z^2)
+    phi = torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
+    return phi * (2 - z * z)
 
 
 _ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.GELU, nn.SiLU, nn.Identity)

@@ -57,14 +57,16 @@ from reptile_gen.inner_loop.batched import (
     _bce_and_grad,
     _cross_entropy_and_grad,
     _mse_and_grad,
+    activation_second,
     closed_form_loss,
+    silu_derivative,
 )
 from reptile_gen.inner_loop.second_order import _CURVATURE
 
 __all__ = ["Plan", "plan", "run_compiled", "ACTIVATIONS"]
 
-#: activation module -> name in the compiled program
-ACTIVATIONS = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.GELU: "gelu", nn.SiLU: "silu"}
+#: the activation modules the compiled program covers
+ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.GELU, nn.SiLU)
 
 _LOSS_NAMES = {_mse_and_grad: "mse", _cross_entropy_and_grad: "cross_entropy", _bce_and_grad: "bce"}
 
@@ -80,7 +82,7 @@ class Plan:
 
     layers: tuple[nn.Linear, ...]
     names: tuple[str, ...]
-    activations: tuple[str, ...]
+    activations: tuple[type, ...]
 
     def parameters(self) -> list[torch.Tensor]:
         """weight, bias of each layer (read at call time: a replaced tensor is seen)."""
@@ -123,7 +125,7 @@ def plan(model: nn.Module) -> Plan:
         elif type(module) in ACTIVATIONS and len(activations) < len(linears):
             if isinstance(module, nn.GELU) and module.approximate != "none":
                 raise refuse("a tanh-approximated GELU")
-            activations.append(ACTIVATIONS[type(module)])
+            activations.append(type(module))
         else:
             raise refuse(f"the body holds a {type(module).__name__}")
     if len(activations) != len(linears):
@@ -157,44 +159,34 @@ def check_call(loss_fn, checkpoint_segments) -> str:
 
 
 # ------------------------------------------------------------------------------ pieces
-def _act(name: str, z: torch.Tensor) -> torch.Tensor:
-    if name == "relu":
+def _act(kind: type, z: torch.Tensor) -> torch.Tensor:
+    if kind is nn.ReLU:
         return torch.relu(z)
-    if name == "tanh":
+    if kind is nn.Tanh:
         return torch.tanh(z)
-    if name == "gelu":
+    if kind is nn.GELU:
         return torch.nn.functional.gelu(z)
     return torch.nn.functional.silu(z)
 
 
-def _act_d1(name: str, z: torch.Tensor) -> torch.Tensor:
+def _act_d1(kind: type, z: torch.Tensor) -> torch.Tensor:
     """The activation's derivative at ``z``."""
-    if name == "relu":
+    if kind is nn.ReLU:
         return (z > 0).to(z.dtype)
-    if name == "tanh":
+    if kind is nn.Tanh:
         t = torch.tanh(z)
         return 1 - t * t
-    if name == "gelu":
-        return 0.5 * (1 + torch.erf(z * (1 / math.sqrt(2)))) + z * _phi(z)
-    s = torch.sigmoid(z)
-    return s * (1 + z * (1 - s))
+    if kind is nn.GELU:  # Phi(z) + z phi(z)
+        phi = torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
+        return 0.5 * (1 + torch.erf(z * (1 / math.sqrt(2)))) + z * phi
+    return silu_derivative(z)
 
 
-def _act_d2(name: str, z: torch.Tensor) -> torch.Tensor | None:
+def _act_d2(kind: type, z: torch.Tensor) -> torch.Tensor | None:
     """The activation's second derivative at ``z`` (None: zero, ReLU)."""
-    if name == "relu":
+    if kind is nn.ReLU:
         return None
-    if name == "tanh":
-        t = torch.tanh(z)
-        return -2 * t * (1 - t * t)
-    if name == "gelu":
-        return _phi(z) * (2 - z * z)
-    s = torch.sigmoid(z)
-    return s * (1 - s) * (2 + z * (1 - 2 * s))
-
-
-def _phi(z: torch.Tensor) -> torch.Tensor:
-    return torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
+    return activation_second(kind, torch.tanh(z) if kind is nn.Tanh else z)
 
 
 def _linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -424,13 +416,12 @@ def _make_programs(acts, loss, fixed, first_order, compile_):
         return [t.sum(0) for t in grads]
 
     if not compile_:
-        return fused, full, first_order
+        return fused, full
     # fullgraph: a graph break would silently fall back to per-op eager execution
     options = {"cpp_wrapper": True}  # the kernels are called from C++, not from Python
     return (
         _Compiled(fused, options),
         _Compiled(full, options),  # compiled only if ever called
-        first_order,
     )
 
 
@@ -487,6 +478,7 @@ class _CompiledMAML(torch.autograd.Function):
         ctx.programs, ctx.data, ctx.slots = programs, data, slots
         ctx.theta, ctx.rates, ctx.rate_tensors = theta, rates, rate_tensors
         ctx.per_task, ctx.mean_grads = per_task, mean_grads
+        ctx.num_steps = steps.shape[1]
         return objective, query, steps, elements
 
     @staticmethod
@@ -520,7 +512,7 @@ class _CompiledMAML(torch.autograd.Function):
                 ]
             else:  # the step or element losses are in the objective: the general reverse
                 support = ctx.data[2].shape[1]
-                num_steps = len(ctx.programs[2])
+                num_steps = ctx.num_steps
                 zeros = per_task.new_zeros
                 grads = ctx.programs[1](
                     [p.detach() for p in theta],

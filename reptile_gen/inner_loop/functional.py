@@ -191,12 +191,7 @@ class FunctionalEngine(InnerLoopEngine):
         slices = schedule.slices(batch.support_x.shape[1])
         records = first_visit(slices)
         num_steps = len(slices)
-        truncate = self.truncate_steps if grad_mode == "second_order" else None
-        first_order_before = (
-            num_steps
-            if grad_mode == "first_order"
-            else (max(num_steps - truncate, 0) if truncate is not None else 0)
-        )
+        first_order_before = self._first_order_before(num_steps, grad_mode)
         path, batched = self.resolve_path(model, names)
         track = track_query and batch.has_query
         if path == "vmap_grad":
@@ -266,11 +261,19 @@ class FunctionalEngine(InnerLoopEngine):
             adapted=dict(zip(names, params)) if return_adapted else None,
         )
 
+    def _first_order_before(self, num_steps: int, grad_mode: str) -> int:
+        """How many leading steps are first order: all of them for first-order MAML, the
+        ones before the last ``truncate_steps`` for truncated second order, else none."""
+        if grad_mode == "first_order":
+            return num_steps
+        if grad_mode == "second_order" and self.truncate_steps is not None:
+            return max(num_steps - self.truncate_steps, 0)
+        return 0
+
     def _run_compiled(self, model, batch, loss_fn, lr, schedule, grad_mode, eager_only):
         """A few-shot meta-training step through the compiled programs (None: this call
         is not one, e.g. evaluation; the eager path runs it)."""
         plan_ = compiled.plan(model)  # a model it does not cover is an error on any call
-        rates = lr.rates_by_name()
         loss = compiled.check_call(loss_fn, self.checkpoint_segments)
         if (
             eager_only
@@ -281,13 +284,16 @@ class FunctionalEngine(InnerLoopEngine):
         ):
             return None
         num_steps = schedule.num_steps
-        if grad_mode == "first_order":
-            first_order = (True,) * num_steps
-        else:
-            kept = num_steps if self.truncate_steps is None else self.truncate_steps
-            first_order = tuple(i < num_steps - kept for i in range(num_steps))
+        first_order_before = self._first_order_before(num_steps, grad_mode)
+        first_order = tuple(i < first_order_before for i in range(num_steps))
         objective, query, steps, elements = compiled.run_compiled(
-            model, plan_, loss, rates, batch, first_order, compile_=self.compile is True
+            model,
+            plan_,
+            loss,
+            lr.rates_by_name(),
+            batch,
+            first_order,
+            compile_=self.compile is True,
         )
         return InnerLoopResult(
             step_losses=steps,
