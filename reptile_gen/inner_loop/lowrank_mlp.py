@@ -8,7 +8,7 @@ history's correction, and the backward pass is the same on the transpose, so no 
 ``functional_call``, hooks or autograd graph run per step (autograd differentiates only
 the loss with respect to the logits, per task under ``vmap`` as in the general step). It
 returns what :meth:`_Run.step` returns, so the engine's history, updates and results are
-unchanged; tested in float64 against the functional engine (tests/test_lowrank_engine.py).
+unchanged; tested in float64 against the functional engine (tests/inner_loop/test_lowrank_engine.py).
 On text Reptile (50 x 128, 7x512) it takes ~12% off a meta-step, the per-step overhead.
 
 Any other model (or a mismatch found when the plan is built) keeps the general step.

@@ -28,7 +28,7 @@ from reptile_gen.utils.runtime import (
     resolve_ckpt_path,
 )
 
-TESTS_DIR = Path(__file__).resolve().parent
+TESTS_DIR = Path(__file__).resolve().parents[1]
 
 #: a small sine run: 50 meta-steps, validated (and last.ckpt written) every 10
 RUN = [

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.costs import fractions, meta_step_cost  # noqa: E402
 from benchmarks.harness import _batches, build  # noqa: E402

@@ -24,7 +24,7 @@ import torch
 import yaml
 from conftest import REPO_ROOT
 
-TESTS_DIR = Path(__file__).resolve().parent
+TESTS_DIR = Path(__file__).resolve().parents[1]
 STATE_DIR = Path(os.environ.get("SLURM_STATE_DIR", "/tmp/reptile_gen_slurm"))
 MAX_STEPS = 60
 SLOW_AFTER = 35
