@@ -201,16 +201,36 @@ def load_run(metrics_path: str | Path) -> Run:
 
 
 # ---------------------------------------------------------------------- labels and groups
+def algorithm_class(target: str):
+    """The algorithm class named by an ``_target_`` (None when it cannot be imported)."""
+    from hydra.utils import get_class
+
+    try:
+        return get_class(str(target))
+    except Exception:
+        return None
+
+
+def display_name(cls) -> str:
+    """What an algorithm class calls itself in tables: its ``display_name`` attribute
+    (the class name when it has none)."""
+    return str(getattr(cls, "display_name", cls.__name__))
+
+
 def algorithm_name(run: Run) -> str:
-    """``maml``, ``fomaml``, ``reptile``, ``joint``... from the run's config."""
+    """The run's algorithm as its class names itself (:func:`display_name` of the
+    config's ``algorithm._target_``); ``first_order: true`` prefixes ``fo`` (first-order
+    MAML is MAML with ``first_order``). Without an importable class: the run's
+    ``algorithm`` choice."""
     algo = run.config.get("algorithm") or {}
-    target = str(algo.get("_target_", "")).rsplit(".", 1)[-1]
-    if target == "MAML" and algo.get("first_order"):
-        return "fomaml"
-    names = {"MAML": "maml", "FOMAML": "fomaml", "Reptile": "reptile", "JointTraining": "joint"}
-    if target in names:
-        return names[target]
-    return str(run.choices.get("algorithm") or target or run.dir.name)
+    target = str(algo.get("_target_", ""))
+    cls = algorithm_class(target) if target else None
+    if cls is None:
+        return str(run.choices.get("algorithm") or target.rsplit(".", 1)[-1] or run.dir.name)
+    name = display_name(cls)
+    if algo.get("first_order"):
+        name = ("fo" if name.islower() else "FO") + name
+    return name
 
 
 def _ignored(key: str) -> bool:
@@ -224,10 +244,10 @@ def _ignored(key: str) -> bool:
 def _value(run: Run, key: str) -> str:
     if key in run.overrides:
         return str(run.overrides[key])
-    if key == "algorithm":
-        return algorithm_name(run)
     if run.choices.get(key) is not None:
         return str(run.choices[key])
+    if key == "algorithm":
+        return algorithm_name(run)
     node = run.config
     for part in key.split("."):
         if isinstance(node, dict) and part in node:
@@ -315,12 +335,13 @@ def choose_metric(runs: list[Run], metric: str = "auto") -> tuple[str, str]:
 
 
 def model_family(run: Run) -> str:
-    """What a run's random initialisation is an initialisation of: ``lstm`` for the LSTM
-    baseline (its own network), else the model config's choice (``mlp``, ``text_mlp``,
-    ``lstm_block``...), so untrained networks of different architectures are not averaged
-    together."""
-    if algorithm_name(run) == "lstm":
-        return "lstm"
+    """What a run's random initialisation is an initialisation of: the algorithm class's
+    ``network_name`` when it has its own network (``lstm`` for the LSTM baseline), else
+    the model config's choice (``mlp``, ``text_mlp``, ``lstm_block``...), so untrained
+    networks of different architectures are not averaged together."""
+    cls = algorithm_class(str((run.config.get("algorithm") or {}).get("_target_", "")))
+    if getattr(cls, "network_name", None):
+        return str(cls.network_name)
     choice = run.choices.get("model")
     if choice:
         return str(choice)

@@ -26,7 +26,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from reptile_gen import CONF_DIR
-from reptile_gen.utils.runtime import ConfigError
+from reptile_gen.cli import build_eval_config, hydra_subdir, source_record
+from reptile_gen.utils.runtime import ConfigError, check_checkpoint_matches, check_config
 
 __all__ = ["check_options", "sample", "main"]
 
@@ -43,8 +44,8 @@ def check_options(cfg: DictConfig) -> dict:
     from reptile_gen.sampling import (
         COMPLETE_KINDS,
         SamplingError,
-        _check_num_samples,
-        _check_temperature,
+        check_num_samples,
+        check_temperature,
     )
 
     if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.get("ckpt_path") in (None, ""):
@@ -66,8 +67,8 @@ def check_options(cfg: DictConfig) -> dict:
         raise SamplingError(f"seed={seed!r}; must be an integer")
     prompt = cfg.get("prompt")
     return {
-        "num_samples": _check_num_samples(cfg.get("num_samples", 16)),
-        "temperature": _check_temperature(cfg.get("temperature", 1.0)),
+        "num_samples": check_num_samples(cfg.get("num_samples", 16)),
+        "temperature": check_temperature(cfg.get("temperature", 1.0)),
         "seed": seed,
         "prompt": "" if prompt is None else str(prompt),
         "complete": complete,
@@ -77,7 +78,8 @@ def check_options(cfg: DictConfig) -> dict:
 
 
 def _sample_text(module, options: dict, generator, out_dir: Path) -> dict:
-    from reptile_gen.sampling import generate_text, write_text_samples
+    from reptile_gen.reports.text import write_text_samples
+    from reptile_gen.sampling import generate_text
 
     texts = generate_text(
         module, options["num_samples"], options["temperature"], generator, options["prompt"]
@@ -89,13 +91,12 @@ def _sample_text(module, options: dict, generator, out_dir: Path) -> dict:
 
 
 def _sample_images(module, datamodule, options: dict, generator, out_dir: Path) -> dict:
+    from reptile_gen.reports.plots import save_completion_figure, save_image_grid
     from reptile_gen.sampling import (
         SamplingError,
         complete_images,
         completion_mask,
         generate_images,
-        save_completion_figure,
-        save_image_grid,
     )
 
     n = options["num_samples"]
@@ -142,16 +143,9 @@ def sample(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     the command line's); returns the samples, the files written (``files``) and the
     sampled ``module``."""
     options = check_options(cfg)
-    from reptile_gen.eval import (
-        _hydra_subdir,
-        _source_record,
-        build_eval_config,
-        check_checkpoint_matches,
+    eff, ckpt_path, run_cfg_path, checkpoint, overrides = build_eval_config(
+        cfg, overrides, usage=USAGE
     )
-
-    eff, ckpt_path, run_cfg_path, checkpoint, overrides = build_eval_config(cfg, overrides)
-    from reptile_gen.utils.runtime import check_config
-
     check_config(eff)
     import torch
 
@@ -166,16 +160,16 @@ def sample(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     module.load_state_dict(checkpoint["state_dict"])
     del checkpoint
     module.to(torch.device(options["device"])).eval()
-    hydra_dir = _hydra_subdir(out_dir)
+    hydra_dir = hydra_subdir(out_dir)
     if hydra_dir is not None:
         (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(eff))
-        source = _source_record(ckpt_path, run_cfg_path, overrides)
+        source = source_record(ckpt_path, run_cfg_path, overrides)
         source["sample_overrides"] = source.pop("eval_overrides")
         source["options"] = options
         (hydra_dir / "sample_source.yaml").write_text(OmegaConf.to_yaml(source))
     log.info("sampling %s (%s) into %s with %s", ckpt_path, run_cfg_path, out_dir, options)
     generator = torch.Generator().manual_seed(options["seed"])
-    is_text = module.task_spec.output_kind == "classes"
+    is_text = module.task_spec.kind == "text"
     if is_text and options["complete"] is not None:
         raise SamplingError(
             f"complete={options['complete']} is for image tasks (mnist, digits); a text "

@@ -2,23 +2,22 @@
 
 Composes ``conf/config.yaml``, instantiates the task's DataModule, the model and the
 algorithm's LightningModule, fits, tests, and writes ``metrics.json`` and plots into the
-run's Hydra directory. The test-and-report part (:func:`test_and_report`) is shared with
-``python -m reptile_gen.eval``.
+run's Hydra directory. The test-and-report part
+(:func:`reptile_gen.cli.test_and_report`) is shared with ``python -m reptile_gen.eval``.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import time
 from pathlib import Path
 
 import hydra
-import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from reptile_gen import CONF_DIR
-from reptile_gen.utils.instantiate import build_run, build_trainer, write_metrics
+from reptile_gen.cli import test_and_report
+from reptile_gen.utils.instantiate import build_run, build_trainer
 from reptile_gen.utils.runtime import (
     check_checkpoint_matches,
     check_config,
@@ -29,68 +28,10 @@ from reptile_gen.utils.runtime import (
     resolve_ckpt_path,
     restore_hydra_files_on_error,
 )
-from reptile_gen.utils.wandb_logging import log_report
 
 __all__ = ["train", "test_and_report", "main"]
 
 log = logging.getLogger(__name__)
-
-
-def test_and_report(
-    trainer: pl.Trainer,
-    module: pl.LightningModule,
-    datamodule: pl.LightningDataModule,
-    out_dir: str | Path,
-    ckpt_path: str | None = None,
-    extra: dict | None = None,
-) -> dict:
-    """Test ``module`` (with the weights of ``ckpt_path`` when given) on the task's fixed
-    test tasks, write ``out_dir/metrics.json`` (the ``test/`` metrics plus ``extra``) and
-    the task's plots (``datamodule.write_report``); returns the metrics written."""
-    out_dir = Path(out_dir)
-    trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
-    extra = (
-        {**datamodule.metrics_extra(), **(extra or {})}
-        if hasattr(datamodule, "metrics_extra")
-        else extra
-    )
-    metrics = write_metrics(trainer.callback_metrics, out_dir / "metrics.json", extra=extra)
-    written = []
-    if trainer.is_global_zero and hasattr(datamodule, "write_report"):
-        written = list(datamodule.write_report(module, out_dir))
-        for path in written:
-            log.info("wrote %s", path)
-    if trainer.is_global_zero:
-        # plots and samples as W&B media, metrics.json as the W&B summary (W&B loggers only)
-        log_report(trainer.loggers, written, metrics, step=trainer.global_step, out_dir=out_dir)
-        print_summary(metrics, out_dir)
-    return metrics
-
-
-def print_summary(metrics: dict, out_dir: Path) -> None:
-    """The run's headline test metrics (bits per char or pixel; MSE after 1 and N steps)
-    and, for text, its samples, on stdout."""
-    keys = [
-        k
-        for k in (
-            "test/nll_bits_per_char",
-            "test/unigram/nll_bits_per_char",
-            "test/nll_bits_per_pixel",
-        )
-        if k in metrics
-    ]
-    steps = sorted(
-        int(m.group(1)) for k in metrics if (m := re.fullmatch(r"test/mse_step_(\d+)", k))
-    )
-    keys += [f"test/mse_step_{k}" for k in dict.fromkeys(steps[1:2] + steps[-1:])]
-    for key in keys:
-        if isinstance(metrics[key], float):
-            print(f"{key} = {metrics[key]:.4f}")
-    samples = out_dir / "samples.txt"
-    if samples.is_file():
-        print(f"samples ({samples}):")
-        print(samples.read_text().rstrip())
-    print(f"run dir: {out_dir}")
 
 
 def setup_run(cfg: DictConfig, out_dir: Path):

@@ -7,10 +7,19 @@ start token), and a linear head predicts ``y_i``. It is trained by maximum likel
 scored exactly like the meta-learners on sequence tasks (the same per-sequence NLL in
 nats, number of real elements, and logged metrics), by reusing :class:`MetaLearner`'s
 evaluation and logging.
+
+The baseline has its own network, :class:`reptile_gen.models.lstm.LSTMNetwork`, sized by
+``algorithm.hidden_size``, ``num_layers``, ``embedding_dim`` and ``dropout``: the
+``model=`` networks (MLP, SIREN, ...) predict one element from its input alone and cannot
+condition on the past. It follows ``model=`` only when that builds an ``LSTMNetwork``;
+any other ``model=`` network is left unused, and the run's log says so in one line.
+Checkpoints keep their keys (``model.encoder``, ``model.prev_embedding``, ``model.body``,
+``model.head``): the network is still the module's ``model``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -19,73 +28,11 @@ from torch import nn
 from reptile_gen.algorithms.base import MetaLearner, _check_positive
 from reptile_gen.data.task_batch import TaskBatch
 from reptile_gen.data.task_spec import TaskSpec
-from reptile_gen.models.encoders import make_encoder
+from reptile_gen.models.lstm import LSTMNetwork
 
 __all__ = ["LSTMBaseline", "LSTMNetwork"]
 
-LSTMState = tuple[torch.Tensor, torch.Tensor]
-
-
-class LSTMNetwork(nn.Module):
-    """``head(LSTM(concat(encoder(x_i), embedding(y_{i-1}))))``.
-
-    Previous targets are embedded as tokens: ``{0, 1, start}`` for bits, ``num_classes
-    + 1`` values for classes; the start token is the last index (:attr:`start_token`).
-
-    Args:
-        task_spec: a sequence task with ``bits`` or ``classes`` outputs.
-        hidden_size: LSTM state width.
-        num_layers: stacked LSTM layers.
-        embedding_dim: width of each input-coordinate embedding (discrete inputs) and of
-            the previous-target embedding.
-        dropout: dropout between LSTM layers (training only).
-    """
-
-    def __init__(
-        self,
-        task_spec: TaskSpec,
-        hidden_size: int = 256,
-        num_layers: int = 2,
-        embedding_dim: int = 64,
-        dropout: float = 0.0,
-    ) -> None:
-        super().__init__()
-        if task_spec.output_kind not in ("bits", "classes"):
-            raise ValueError(
-                f"LSTMNetwork needs bits or classes targets to feed back; got output_kind="
-                f"{task_spec.output_kind!r}"
-            )
-        num_tokens = 3 if task_spec.output_kind == "bits" else task_spec.output_dim + 1
-        self.start_token = num_tokens - 1
-        self.encoder = make_encoder(task_spec, embedding_dim)
-        self.prev_embedding = nn.Embedding(num_tokens, embedding_dim)
-        self.body = nn.LSTM(
-            self.encoder.out_features + embedding_dim,
-            hidden_size,
-            num_layers=num_layers,
-            batch_first=True,
-            dropout=dropout if num_layers > 1 else 0.0,
-        )
-        self.head = nn.Linear(hidden_size, task_spec.head_features)
-
-    def previous_tokens(self, y: torch.Tensor) -> torch.Tensor:
-        """``[B, T]`` long: the start token, then ``y_0 .. y_{T-2}`` (teacher forcing)."""
-        y = y.long()
-        start = torch.full_like(y[:, :1], self.start_token)
-        return torch.cat([start, y[:, :-1]], dim=1)
-
-    def forward(
-        self, x: torch.Tensor, prev: torch.Tensor, state: LSTMState | None = None
-    ) -> tuple[torch.Tensor, LSTMState]:
-        """Predictions ``[B, T, head_features]`` for inputs ``x [B, T, ...]`` given the
-        previous targets ``prev [B, T]`` (long tokens) and the state before position 0
-        (``None``: zeros); returns the state after the last position too, so a sequence
-        can be run one position at a time."""
-        if x.dim() == prev.dim():  # one coordinate per element: [B, T] -> [B, T, 1]
-            x = x.unsqueeze(-1)
-        inputs = torch.cat([self.encoder(x), self.prev_embedding(prev.long())], dim=-1)
-        hidden, state = self.body(inputs, state)
-        return self.head(hidden), state
+log = logging.getLogger(__name__)
 
 
 class LSTMBaseline(MetaLearner):
@@ -100,7 +47,8 @@ class LSTMBaseline(MetaLearner):
 
     Args:
         model: the ``model=`` group's network that ``build_run`` passes to every
-            algorithm; unused (the LSTM is built here from ``task_spec``).
+            algorithm: used when it is an :class:`LSTMNetwork`, else unused (the LSTM is
+            built here from ``task_spec`` and the sizes below, and the log says so).
         task_spec: a sequence task (``sequential``) with ``bits`` or ``classes`` outputs.
         optimizer, scheduler: as for every algorithm (default Adam, lr 1e-3).
         hidden_size, num_layers, embedding_dim, dropout: of the :class:`LSTMNetwork`.
@@ -113,6 +61,9 @@ class LSTMBaseline(MetaLearner):
     #: no SGD-per-element dynamics to replay (e.g. for the online sampler): the sequence
     #: distribution is the LSTM's own (``getattr(module, "has_inner_loop", True)``)
     has_inner_loop = False
+    #: its own network's family (``reptile-gen-compare`` keeps its random-init baseline
+    #: apart from the ``model=`` networks')
+    network_name = "lstm"
 
     def __init__(
         self,
@@ -142,13 +93,23 @@ class LSTMBaseline(MetaLearner):
             raise ValueError(f"algorithm.dropout={dropout!r}; must be a number in [0, 1)")
         if not 0 <= dropout < 1:
             raise ValueError(f"algorithm.dropout={dropout!r}; must be a number in [0, 1)")
-        network = LSTMNetwork(
-            task_spec,
-            hidden_size=int(hidden_size),
-            num_layers=int(num_layers),
-            embedding_dim=int(embedding_dim),
-            dropout=float(dropout),
-        )
+        if isinstance(model, LSTMNetwork):
+            network = model
+        else:
+            if model is not None:
+                log.info(
+                    "algorithm=lstm has its own network (reptile_gen.models.lstm.LSTMNetwork, "
+                    "sized by algorithm.hidden_size/num_layers/embedding_dim/dropout); the "
+                    "model= network (%s) is not used",
+                    type(model).__name__,
+                )
+            network = LSTMNetwork(
+                task_spec,
+                hidden_size=int(hidden_size),
+                num_layers=int(num_layers),
+                embedding_dim=int(embedding_dim),
+                dropout=float(dropout),
+            )
         # the LSTM takes the place of the meta-learned model: it is what is trained,
         # checkpointed, and deep-copied (at its initial weights) for the random-init
         # baseline; the unused ``model`` is dropped

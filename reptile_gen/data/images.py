@@ -23,6 +23,7 @@ from reptile_gen.data.task_spec import TaskSpec
 
 __all__ = [
     "ImageDataModule",
+    "pixel_grid",
     "read_idx",
     "write_idx",
     "load_mnist",
@@ -168,6 +169,12 @@ def load_digits(split_seed: int = 0) -> tuple[dict[str, np.ndarray], str]:
     return {"train": images[order[300:]], "test": images[order[:300]]}, "sklearn:digits"
 
 
+def pixel_grid(height: int, width: int) -> torch.Tensor:
+    """``[H*W, 2]`` long: the (row, col) of every pixel, in raster order."""
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    return torch.stack([rows.flatten(), cols.flatten()], dim=-1)
+
+
 # ---------------------------------------------------------------------------- module
 class ImageDataModule(TaskDataModule):
     """Binarized images as tasks (``task=mnist`` / ``task=digits``).
@@ -247,10 +254,10 @@ class ImageDataModule(TaskDataModule):
             sequential=True,
             sequence_name="image",
             token_name="pixel",
+            kind="image",
         )
         side = resolution
-        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-        self.coords = torch.stack([rows.flatten(), cols.flatten()], dim=-1)  # [HW, 2]
+        self.coords = pixel_grid(side, side)  # [HW, 2]
         self.fixed_order = torch.randperm(
             side * side, generator=torch.Generator().manual_seed(data_seed)
         )
@@ -344,13 +351,3 @@ class ImageDataModule(TaskDataModule):
         self._load()
         p = self.bits["train"].mean().clamp(1e-4, 1 - 1e-4)
         return torch.log(p / (1 - p)).reshape(1).float()
-
-    def write_report(self, module, out_dir) -> list[Path]:
-        """At test end: ``samples.png``, 8 images drawn from the trained model in the
-        task's pixel order (seeded by ``seed``; nothing, with a warning, for a model the
-        sampler cannot replay)."""
-        from reptile_gen.sampling import report_image_samples
-
-        return report_image_samples(
-            module, out_dir, num_samples=8, seed=self.seed, order_for=self.order_for
-        )

@@ -10,10 +10,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TaskSpec", "INPUT_KINDS", "OUTPUT_KINDS"]
+__all__ = ["TaskSpec", "INPUT_KINDS", "OUTPUT_KINDS", "TASK_KINDS"]
 
 INPUT_KINDS = ("continuous", "discrete")
 OUTPUT_KINDS = ("real", "classes", "bits")
+#: what a task is, for what is built on top of it (sampling, reports): ``text`` (lines of
+#: bytes), ``image`` (binary images on a pixel grid), ``sine`` (sine regression), or
+#: ``generic`` (nothing task-specific)
+TASK_KINDS = ("generic", "text", "image", "sine")
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,8 @@ class TaskSpec:
             one SGD step per element and the objective is the online NLL.
         sequence_name, token_name: what one task and one element are called in metric
             names (``line``/``char`` for text: ``nll_bits_per_char``; ``image``/``pixel``).
+        kind: what the task is (:data:`TASK_KINDS`): the sampler and the run reports are
+            chosen by it, never guessed from the output kind.
     """
 
     input_kind: str
@@ -41,6 +47,7 @@ class TaskSpec:
     sequential: bool = False
     sequence_name: str = "seq"
     token_name: str = "token"
+    kind: str = "generic"
 
     def __post_init__(self) -> None:
         if self.input_kind not in INPUT_KINDS:
@@ -49,6 +56,8 @@ class TaskSpec:
             raise ValueError(
                 f"output_kind={self.output_kind!r}; allowed: {', '.join(OUTPUT_KINDS)}"
             )
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"kind={self.kind!r}; allowed: {', '.join(TASK_KINDS)}")
         if self.input_kind == "discrete" and not self.input_sizes:
             raise ValueError("a discrete input needs input_sizes (one size per coordinate)")
 

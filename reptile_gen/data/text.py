@@ -20,7 +20,15 @@ from reptile_gen.data.streams import FixedTaskBatches
 from reptile_gen.data.task_batch import TaskBatch
 from reptile_gen.data.task_spec import TaskSpec
 
-__all__ = ["TextDataModule", "load_lines", "encode_lines", "split_of", "END_TOKEN"]
+__all__ = [
+    "END_TOKEN",
+    "TextDataModule",
+    "decode_text",
+    "encode_lines",
+    "encode_text",
+    "load_lines",
+    "split_of",
+]
 
 END_TOKEN = 0
 SPLITS = ("train", "val", "test")
@@ -67,13 +75,26 @@ def split_of(line: str, val_percent: int, test_percent: int) -> str:
     return "train"
 
 
+def encode_text(text: str) -> list[int]:
+    """The codes of ``text``: its UTF-8 bytes (the end token is added by the caller)."""
+    return list(str(text).encode("utf-8"))
+
+
+def decode_text(codes) -> str:
+    """Codes up to the first end token, decoded as UTF-8 (invalid bytes replaced)."""
+    codes = [int(c) for c in codes]
+    if END_TOKEN in codes:
+        codes = codes[: codes.index(END_TOKEN)]
+    return bytes(codes).decode("utf-8", errors="replace")
+
+
 def encode_lines(lines: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``[N, max_len]`` bytes (end token appended, cut to max_len) and the ``[N, max_len]``
     mask of real positions (the end token is real, padding is not)."""
     data = torch.zeros(len(lines), max_len, dtype=torch.long)
     mask = torch.zeros(len(lines), max_len, dtype=torch.bool)
     for i, line in enumerate(lines):
-        encoded = list(line.encode("utf-8"))[: max_len - 1] + [END_TOKEN]
+        encoded = encode_text(line)[: max_len - 1] + [END_TOKEN]
         data[i, : len(encoded)] = torch.tensor(encoded)
         mask[i, : len(encoded)] = True
     return data, mask
@@ -132,6 +153,7 @@ class TextDataModule(TaskDataModule):
             sequential=True,
             sequence_name="line",
             token_name="char",
+            kind="text",
         )
         self._loaded = False
 
@@ -216,10 +238,3 @@ class TextDataModule(TaskDataModule):
         if self.num_test_tasks is not None:
             test_y, test_mask = test_y[: self.num_test_tasks], test_mask[: self.num_test_tasks]
         return float(-log2p[test_y[test_mask]].mean())
-
-    def write_report(self, module, out_dir) -> list[Path]:
-        """At test end: ``samples.txt``, 8 lines drawn from the trained model (seeded by
-        ``seed``; nothing, with a warning, for a model the sampler cannot replay)."""
-        from reptile_gen.sampling import report_text_samples
-
-        return report_text_samples(module, out_dir, num_samples=8, seed=self.seed)

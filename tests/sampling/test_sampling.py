@@ -18,6 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
+from reptile_gen.reports.text import write_text_samples
 from reptile_gen.sample import sample
 from reptile_gen.sampling import (
     OnlineSampler,
@@ -28,7 +29,6 @@ from reptile_gen.sampling import (
     completion_mask,
     generate_images,
     generate_text,
-    write_text_samples,
 )
 from reptile_gen.train import train
 from reptile_gen.utils.instantiate import build_run

@@ -1,0 +1,213 @@
+"""The online sampler: a module's inner SGD loop replayed over a batch of samples.
+
+The prediction of element ``i`` is the model after one inner SGD step per
+``inner_batch_size`` elements on the elements before it, starting from the meta-learned
+initial parameters. A sample is drawn element by element: predict ``y_i`` at ``x_i``,
+draw it (at a temperature), take the SGD step on ``(x_i, y_i)`` with the module's inner
+learning rates (learned Meta-SGD rates included) through the core update
+(:func:`reptile_gen.inner_loop.core.sgd_update`), go on. Every step is one
+``torch.func.vmap`` over samples of a per-sample step (``torch.func.grad`` of the step's
+loss, whose forward pass also draws the unknown elements), so the dynamics are exactly
+those of the functional engine's online schedule (:meth:`OnlineSampler.feed` reproduces
+the engine's ``element_losses``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from reptile_gen.inner_loop import masked_mean
+from reptile_gen.inner_loop.core import sgd_update
+from reptile_gen.sampling.checks import check_sampleable, check_temperature
+
+__all__ = ["OnlineSampler", "SequenceResult"]
+
+
+@dataclass
+class SequenceResult:
+    """What :meth:`OnlineSampler.run` returns (leading dimension: samples).
+
+    Attributes:
+        y: ``[N, S]`` each element's target: the given one where known, the drawn one
+            elsewhere, 0 where the model took no step (padding, after the end token).
+        mask: ``[N, S]`` bool, the elements the model stepped on (an end token included).
+        logits: ``[N, S, C]`` each element's prediction before the model trained on it
+            (C = 256 classes for text, 1 logit for bits); 0 where ``mask`` is False.
+        params: the adapted parameters ``{name: [N, ...]}`` after the sequence.
+    """
+
+    y: torch.Tensor
+    mask: torch.Tensor
+    logits: torch.Tensor
+    params: dict[str, torch.Tensor]
+
+    def element_losses(self, spec) -> torch.Tensor:
+        """``[N, S]`` each element's loss before the model trained on it (0 off the mask):
+        summed over a sequence, its online negative log-likelihood in nats."""
+        losses = spec.elementwise_loss(self.logits, self.y)
+        return losses * self.mask.to(losses.dtype)
+
+
+class OnlineSampler:
+    """Replays a module's inner SGD over a batch of samples, drawing the elements that
+    are not given.
+
+    Args:
+        module: a trained :class:`~reptile_gen.algorithms.base.MetaLearner` of a sequence
+            task (text, mnist, digits) with a plain SGD inner loop.
+        temperature: > 0; the draw is from ``softmax(logits / temperature)`` (bits:
+            ``Bernoulli(sigmoid(logit / temperature))``). The SGD step always uses the
+            model's own loss on the drawn element, as in training.
+    """
+
+    def __init__(self, module, temperature: float = 1.0) -> None:
+        check_sampleable(module)
+        self.temperature = check_temperature(temperature)
+        self.module = module
+        self.model: nn.Module = module.model
+        self.spec = module.task_spec
+        self.names = [n for n, _ in self.model.named_parameters()]
+        self.theta = {n: p.detach() for n, p in self.model.named_parameters()}
+        self.rates = {
+            k: (r.detach() if torch.is_tensor(r) else r)
+            for k, r in module.inner_lr.rates_by_name().items()
+        }
+        self.buffers = {n: b.detach() for n, b in self.model.named_buffers()}
+        self.inner_batch_size = module.train_schedule.inner_batch_size
+        first = next(iter(self.theta.values()))
+        self.device, self.dtype = first.device, first.dtype
+        self.num_outputs = self.spec.head_features
+        self.target_dtype = torch.long if self.spec.output_kind == "classes" else self.dtype
+
+    # ------------------------------------------------------------------ one step
+    def initial_params(self, num_samples: int) -> dict[str, torch.Tensor]:
+        """The meta-learned initial parameters for ``num_samples`` samples (views)."""
+        return {n: p.expand(num_samples, *p.shape) for n, p in self.theta.items()}
+
+    def _draw(self, logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Draw from ``logits [k, C]`` with uniform ``noise [k, C]`` at the temperature."""
+        scaled = logits / self.temperature
+        if self.spec.output_kind == "classes":
+            tiny = torch.finfo(noise.dtype).tiny
+            gumbel = -torch.log(-torch.log(noise.clamp(min=tiny, max=1 - 1e-7)))
+            return (scaled + gumbel).argmax(-1)
+        return (noise[..., 0] < torch.sigmoid(scaled[..., 0])).to(self.target_dtype)
+
+    def _one_step(self, params, x, y, known, mask, noise, stop_token):
+        """One sample, one inner step on elements ``x [k, ...]``: predict, draw the
+        unknown ones, step on the masked mean loss (the engine's ``step_loss``)."""
+
+        def step_loss(p):
+            raw = functional_call(self.model, (p, self.buffers), (x,))
+            logits = raw.reshape(x.shape[0], self.num_outputs)
+            drawn = self._draw(logits.detach(), noise)
+            target = torch.where(known, y, drawn.to(y.dtype))
+            m = mask
+            if stop_token is not None:
+                # elements after an end token (in this step) are padding
+                stops = ((target == stop_token) & m).long()
+                m = m & (torch.cumsum(stops, 0) - stops == 0)
+            elements = self.spec.elementwise_loss(raw, target)
+            return masked_mean(elements, m), (target, m, logits.detach())
+
+        grads, (target, m, logits) = grad(step_loss, has_aux=True)(params)
+        new = sgd_update(params, grads, self.rates)
+        return new, torch.where(m, target, torch.zeros_like(target)), m, logits
+
+    def step(self, params, x, y, known, mask, noise, stop_token: int | None = None):
+        """One inner step for every sample at once (``vmap`` of the per-sample step).
+
+        Args:
+            params: ``{name: [N, ...]}`` the samples' current parameters.
+            x: ``[N, k, ...]`` the step's inputs; y: ``[N, k]`` targets (used where known).
+            known: ``[N, k]`` bool, given elements (the rest are drawn).
+            mask: ``[N, k]`` bool, real elements (padding takes no step).
+            noise: ``[N, k, C]`` uniform noise for the draws.
+            stop_token: a target that ends the sequence (text: NUL), or None.
+
+        Returns:
+            ``(params, y, mask, logits)`` after the step: the new parameters, the targets
+            stepped on, the elements stepped on and ``[N, k, C]`` pre-step predictions.
+        """
+        fn = partial(self._one_step, stop_token=stop_token)
+        with torch.enable_grad():
+            return vmap(fn, randomness="error")(params, x, y, known, mask, noise)
+
+    # ------------------------------------------------------------------ sequences
+    def run(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None = None,
+        known: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        stop_token: int | None = None,
+        params: dict[str, torch.Tensor] | None = None,
+    ) -> SequenceResult:
+        """Run the online schedule over ``x [N, S, ...]`` (one step per
+        ``inner_batch_size`` elements, in order), drawing every element not ``known``.
+
+        ``y [N, S]`` holds the given targets (ignored where not known); ``known``
+        defaults to none (pure generation), ``mask`` to all real. With ``known`` all
+        True this is teacher forcing: exactly the training dynamics. The noise of the
+        draws comes from ``generator`` (CPU), all of it up front, so a seeded generator
+        gives the same samples. ``stop_token``: a drawn (or given) target that ends its
+        sample. ``params``: start from these instead of the initial parameters.
+        """
+        n, s = x.shape[:2]
+        x = x.to(self.device)
+        y = (
+            torch.zeros(n, s, dtype=self.target_dtype, device=self.device)
+            if y is None
+            else y.to(self.device, self.target_dtype)
+        )
+        known = (
+            torch.zeros(n, s, dtype=torch.bool, device=self.device)
+            if known is None
+            else known.to(self.device, torch.bool)
+        )
+        mask = (
+            torch.ones(n, s, dtype=torch.bool, device=self.device)
+            if mask is None
+            else mask.to(self.device, torch.bool)
+        )
+        noise = torch.rand(n, s, self.num_outputs, generator=generator, dtype=self.dtype)
+        noise = noise.to(self.device)
+        params = self.initial_params(n) if params is None else params
+        out_y = torch.zeros_like(y)
+        out_mask = torch.zeros_like(mask)
+        out_logits = torch.zeros(n, s, self.num_outputs, dtype=self.dtype, device=self.device)
+        alive = torch.ones(n, dtype=torch.bool, device=self.device)
+        b = self.inner_batch_size
+        for start in range(0, s, b):
+            end = min(start + b, s)
+            chunk_mask = mask[:, start:end] & alive[:, None]
+            params, ys, ms, logits = self.step(
+                params,
+                x[:, start:end],
+                y[:, start:end],
+                known[:, start:end],
+                chunk_mask,
+                noise[:, start:end],
+                stop_token,
+            )
+            out_y[:, start:end], out_mask[:, start:end] = ys, ms
+            out_logits[:, start:end] = logits.detach() * ms[..., None].to(self.dtype)
+            if stop_token is not None:
+                alive = alive & ~((ys == stop_token) & ms).any(1)
+                if not alive.any():
+                    break
+        params = {k: v.detach() for k, v in params.items()}
+        return SequenceResult(out_y, out_mask, out_logits, params)
+
+    def feed(self, x, y, mask=None, params=None) -> SequenceResult:
+        """Teacher forcing: step through given targets ``y`` at ``x`` (the training
+        dynamics); the result's :meth:`~SequenceResult.element_losses` are the online
+        losses."""
+        known = torch.ones(y.shape[:2], dtype=torch.bool)
+        return self.run(x, y, known, mask, params=params)
