@@ -183,6 +183,22 @@ def _is_global_group(group: str, option: str) -> bool:
     return False
 
 
+def _groups_set_by(group: str, option: str) -> list[str]:
+    """The packages of the config groups that the option file ``conf/<group>/<option>.yaml``
+    chooses in its defaults list (``override /task: digits`` -> ``task``)."""
+    path = Path(CONF_DIR) / group / f"{option}.yaml"
+    defaults = OmegaConf.to_container(OmegaConf.load(path)).get("defaults") or []
+    packages = []
+    for entry in defaults:
+        if not isinstance(entry, dict):
+            continue
+        for key in entry:
+            name = str(key).removeprefix("override").strip().lstrip("/")
+            if name and "@" not in name and (Path(CONF_DIR) / name).is_dir():
+                packages.append(name.replace("/", "."))
+    return packages
+
+
 def _diff_paths(old, new, prefix: str = "") -> list[tuple[str, str]]:
     """``[(action, path)]`` turning ``old`` into ``new`` (raw containers): ``copy`` a
     node that differs (a whole mapping when its ``_target_`` changed), ``delete`` one
@@ -215,8 +231,9 @@ def apply_overrides(
     The overrides are composed by Hydra (``hydra.compose`` of ``config_name``, after the
     run's own ``base_overrides``), and the nodes they touch are taken from that
     composition: the value of a ``key=value``; the whole package of a ``group=option``;
-    for a ``@package _global_`` option (``experiment=``, ``debug=``) every node it
-    changes, compared with the composition without it. ``~key`` deletes the key.
+    for a ``@package _global_`` option (``experiment=``, ``debug=``) the packages of the
+    groups it chooses and every other node it changes, compared with the composition
+    without it. ``~key`` deletes the key.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -247,6 +264,7 @@ def apply_overrides(
             actions.append(("delete", override.package or key.replace("/", ".")))
         elif is_group and _is_global_group(key, str(override.value())):
             global_groups.append(override)
+            actions += [("copy", p) for p in _groups_set_by(key, str(override.value()))]
         elif is_group:
             actions.append(("copy", override.package or key.replace("/", ".")))
         else:
