@@ -121,8 +121,7 @@ def find_run_config(ckpt_path: str | Path, run_config: str | Path | None = None)
 
 def load_run_config(path: str | Path) -> DictConfig:
     """A run's saved config (``<run dir>/.hydra/config.yaml``), checked to be one: the one
-    place where a saved run config is read (configs of older versions are brought up to
-    date here)."""
+    place where eval and sample read a saved run config."""
     try:
         cfg = OmegaConf.load(path)
     except Exception as err:
