@@ -432,6 +432,19 @@ def ratios(entries: list[dict], workloads: dict) -> tuple[dict, dict]:
     return time_ratios, memory_ratios
 
 
+def speedup_vs_original(entries: list[dict]) -> dict:
+    """``{workload: {engine: original_method time / engine time}}`` for the workloads that
+    time the original reptile-gen's method (``original_method``) in the same run."""
+    ok = {(e["workload"], e["engine"]): e for e in entries if e["status"] in ("ok", "partial")}
+    out = {}
+    for (name, engine), e in ok.items():
+        original = ok.get((name, "original_method"))
+        if original is None or engine == "original_method":
+            continue
+        out.setdefault(name, {})[engine] = original["median_s_per_step"] / e["median_s_per_step"]
+    return out
+
+
 def comparisons(entries: list[dict], workloads: dict) -> dict:
     """Workload against workload (``compare_with``, e.g. checkpointed vs full unroll), on
     the reference engine: median time, peak RSS and RSS delta of each and their ratios."""
@@ -730,6 +743,7 @@ def main(argv=None) -> int:
         )
 
     time_ratios, memory_ratios = ratios(entries, workloads)
+    vs_original = speedup_vs_original(entries)
     report = {
         "schema_version": SCHEMA_VERSION,
         "created": started.isoformat(timespec="seconds"),
@@ -751,6 +765,9 @@ def main(argv=None) -> int:
             "baseline_rss_mb": "ru_maxrss after imports, model build and batch sampling",
             "rss_delta_mb": "peak_rss_mb - baseline_rss_mb: the memory the meta-steps added",
             "ratios": "median_s_per_step of <engine> / that of the workload's reference engine",
+            "speedup_vs_original": "median_s_per_step of original_method (the original "
+            "reptile-gen's per-task weight copies, benchmarks/original_method.py) / that of "
+            "<engine>, on the same batches in the same run",
             "memory_ratios": "rss_delta_mb of <engine> / that of the reference engine",
             "comparisons": "workload vs workload (compare_with) on the reference engine: "
             "time, peak RSS and RSS delta of each and their ratios",
@@ -772,6 +789,7 @@ def main(argv=None) -> int:
         "results": entries,
         "ratios": time_ratios,
         "memory_ratios": memory_ratios,
+        "speedup_vs_original": vs_original,
         "comparisons": comparisons(entries, workloads),
     }
     text = json.dumps(report, indent=2) + "\n"
@@ -794,6 +812,9 @@ def main(argv=None) -> int:
         print(f"{name}: {pretty}")
     for line in format_comparisons(report):
         print(line)
+    for name, r in vs_original.items():
+        pretty = ", ".join(f"{k} {v:.1f}x" for k, v in r.items())
+        print(f"{name}: x the original's method: {pretty}")
     print(f"total {report['duration_s']:.0f} s")
     print("wrote " + ", ".join(str(p) for p in written))
     busy = max((load_start or [0])[0], (report["load_average"]["end"] or [0])[0])
