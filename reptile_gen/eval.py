@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 # light imports only at module level: torch and Lightning are imported once the inputs
 # are checked, so a wrong command line fails fast
 from reptile_gen import CONF_DIR
+from reptile_gen.utils.config_compat import exit_on_moved_overrides, upgrade_config
 from reptile_gen.utils.runtime import (
     CheckpointError,
     ConfigError,
@@ -255,7 +256,7 @@ def build_eval_config(cfg: DictConfig, overrides: list[str] | None = None):
     checkpoint = load_checkpoint(ckpt_path)
     overrides = _hydra_overrides() if overrides is None else list(overrides)
     try:
-        run_cfg = OmegaConf.load(run_cfg_path)
+        run_cfg = upgrade_config(OmegaConf.load(run_cfg_path))
     except Exception as err:
         raise ConfigError(f"run config {str(run_cfg_path)!r} cannot be read: {err}") from err
     if not isinstance(run_cfg, DictConfig) or "algorithm" not in run_cfg:
@@ -316,6 +317,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         finish_loggers(loggers)
 
 
+@exit_on_moved_overrides
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> float | None:
     return optimized_value(cfg, evaluate(cfg))

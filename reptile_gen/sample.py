@@ -26,6 +26,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from reptile_gen import CONF_DIR
+from reptile_gen.utils.config_compat import exit_on_moved_overrides
 from reptile_gen.utils.runtime import ConfigError
 
 __all__ = ["check_options", "sample", "main"]
@@ -199,7 +200,9 @@ def _run(cfg: DictConfig) -> None:
     sample(cfg)
 
 
-main = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")(_run)
+main = exit_on_moved_overrides(
+    hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")(_run)
+)
 main.__doc__ = "Entry point of `python -m reptile_gen.sample` and `reptile-gen-sample`."
 
 

@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from reptile_gen import CONF_DIR
+from reptile_gen.utils.config_compat import exit_on_moved_overrides
 from reptile_gen.utils.instantiate import build_run, build_trainer, write_metrics
 from reptile_gen.utils.runtime import (
     check_checkpoint_matches,
@@ -156,6 +157,7 @@ def train(cfg: DictConfig) -> dict:
         finish_loggers(loggers)
 
 
+@exit_on_moved_overrides
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     return optimized_value(cfg, train(cfg))

@@ -25,7 +25,7 @@ from reptile_gen.utils.runtime import ConfigError
 
 ALGORITHMS = ["maml", "fomaml", "reptile", "joint"]
 MODELS = ["mlp", "gated_mlp", "lstm_block", "siren"]
-ENGINES = ["functional", "higher"]
+ENGINES = ["functional", "higher"]  # lowrank: tests/inner_loop/test_lowrank_engine.py
 TASKS = ["sine"]
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 
@@ -50,7 +50,7 @@ def test_every_combination_builds_and_backprops(make_cfg, task, algorithm, model
             f"task={task}",
             f"algorithm={algorithm}",
             f"model={model}",
-            f"algorithm.inner_loop={engine}",
+            f"engine={engine}",
         ]
     )
     datamodule, module = build_run(cfg)
@@ -69,13 +69,13 @@ def test_every_combination_builds_and_backprops(make_cfg, task, algorithm, model
     "overrides",
     [
         ["algorithm=maml", "model=mlp"],
-        ["algorithm=fomaml", "model=gated_mlp", "algorithm.inner_loop=higher"],
+        ["algorithm=fomaml", "model=gated_mlp", "engine=higher"],
         ["algorithm=reptile", "model=lstm_block", "algorithm.inner_steps=2"],
-        ["algorithm=joint", "model=siren", "algorithm.inner_loop=higher"],
+        ["algorithm=joint", "model=siren", "engine=higher"],
         [
             "algorithm=maml",
-            "algorithm.inner_loop=higher",
-            "algorithm.inner_optimizer.name=adam",
+            "engine=higher",
+            "engine.inner_optimizer.name=adam",
             "algorithm.inner_lr_learned=per_tensor",
         ],
     ],
@@ -142,27 +142,26 @@ BAD = [
     (["algorithm.inner_lr=-0.1"], "algorithm.inner_lr=-0.1; must be a number > 0"),
     (["algorithm.inner_steps=0"], "algorithm.inner_steps=0; must be an integer > 0"),
     (["task.num_support=0"], "task.num_support=0; must be an integer >= 1"),
-    (["algorithm.inner_loop=jax"], "algorithm.inner_loop='jax'; allowed: functional, higher"),
     (
-        ["algorithm.inner_optimizer.name=adam"],
-        "needs algorithm.inner_loop=higher: the functional engine runs plain SGD",
+        ["+engine.inner_optimizer.name=adam"],
+        "inner_optimizer.*the functional engine runs plain SGD",
     ),
     (
-        ["algorithm.inner_loop=higher", "algorithm.inner_optimizer.name=lbfgs"],
-        "algorithm.inner_optimizer.name='lbfgs'; allowed with algorithm.inner_loop=higher: sgd",
+        ["engine=higher", "engine.inner_optimizer.name=lbfgs"],
+        "inner_optimizer.name='lbfgs'; allowed",
     ),
+    (["engine=higher", "+engine.chunk_size=4"], "higher does not support .*chunk_size=4"),
+    (["+engine.grad=fast"], "engine.grad='fast': not an engine option; allowed: engine.chunk_size"),
     (
-        ["algorithm.inner_loop=higher", "algorithm.vmap_chunk_size=4"],
-        "algorithm.vmap_chunk_size=4 with algorithm.inner_loop=higher",
-    ),
-    (
-        ["algorithm=reptile", "algorithm.inner_lr_learned=scalar"],
+        ["algorithm=reptile", "+algorithm.inner_lr_learned=scalar"],
         "algorithm.inner_lr_learned='scalar' with Reptile.*allowed: none",
     ),
     (
-        ["algorithm=joint", "algorithm.inner_lr_learned=per_tensor"],
-        "algorithm.inner_lr_learned='per_tensor' with JointTraining.*allowed: none",
+        ["algorithm=joint", "+algorithm.inner_lr_learned=per_tensor"],
+        r"algorithm.inner_lr_learned='per_tensor' with joint \(transfer\).*allowed: none",
     ),
+    (["algorithm=reptile", "engine.compile=true"], "engine.compile=True with Reptile"),
+    (["+algorithm.inner_loop=lowrank"], "algorithm.inner_loop=lowrank: moved; use engine=lowrank"),
     (
         ["algorithm.inner_lr_learned=bogus"],
         "inner_lr_learned='bogus'; allowed: none, scalar, per_tensor, per_parameter",
@@ -183,7 +182,7 @@ def test_bad_input_is_a_clear_error_before_training(make_cfg, tmp_path, override
 
 
 def test_cross_group_errors_are_config_errors(make_cfg):
-    cfg = make_cfg(["algorithm=reptile", "algorithm.inner_lr_learned=scalar"])
+    cfg = make_cfg(["algorithm=reptile", "+algorithm.inner_lr_learned=scalar"])
     with pytest.raises(ConfigError):
         train(cfg)
 
