@@ -5,8 +5,11 @@ train and for eval)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException, MissingConfigException
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from reptile_gen.eval import CheckpointError, build_eval_config, evaluate
 from reptile_gen.train import train
@@ -167,6 +170,10 @@ BAD = [
         "inner_lr_learned='bogus'; allowed: none, scalar, per_tensor, per_parameter",
     ),
     (["algorithm.objective=foo"], "algorithm.objective='foo'; allowed: auto, query, online"),
+    (
+        ["algorithm=lstm", "task=digits", "engine=lowrank"],
+        "engine=lowrank with LSTM: this algorithm has no inner loop",
+    ),
     (["ckpt_path=/no/such/file.ckpt"], "ckpt_path='/no/such/file.ckpt': no such checkpoint file"),
 ]
 
@@ -306,3 +313,69 @@ def test_eval_checkpoint_of_another_model(trained_run, tmp_path, overrides, mess
     assert "does not fit the model" in text and "the checkpoint:" in text
     assert "this config: task=sine" in text
     assert not (tmp_path / "eval" / "metrics.json").exists()
+
+
+# ---------------------------------------------------------------------- the old config shape
+def _old_shape(config: DictConfig) -> dict:
+    """``config`` as a run wrote it before the engine group: the engine and its options
+    were algorithm keys."""
+    old = OmegaConf.to_container(config, resolve=False)
+    engine = old.pop("engine")
+    old["algorithm"].update(
+        inner_loop=engine["name"],
+        inner_optimizer={"name": "sgd"},
+        vmap_chunk_size=engine.get("chunk_size"),
+        compile=engine.get("compile", False),
+    )
+    return old
+
+
+def test_eval_of_a_run_saved_in_the_old_shape(trained_run, tmp_path):
+    """A run dir whose .hydra/config.yaml predates the engine group still evaluates."""
+    old_dir = tmp_path / "old_run"
+    shutil.copytree(trained_run, old_dir)
+    config = old_dir / ".hydra" / "config.yaml"
+    config.write_text(OmegaConf.to_yaml(_old_shape(OmegaConf.load(config))))
+    ckpt = old_dir / "checkpoints" / "last.ckpt"
+    cfg = compose_eval([f"ckpt_path={ckpt}", "task.num_test_tasks=4"], tmp_path / "eval")
+    eff, *_ = build_eval_config(cfg)
+    assert eff.engine.name == "functional" and "inner_loop" not in eff.algorithm
+    metrics = evaluate(cfg)
+    assert "test/mse_step_10" in metrics
+
+
+def test_an_old_key_left_in_a_config_names_the_new_one(make_cfg):
+    cfg = make_cfg(["+algorithm.vmap_chunk_size=4"])
+    with pytest.raises(ConfigError, match=r"^algorithm.vmap_chunk_size=4: moved; use engine"):
+        train(cfg)
+
+
+@pytest.mark.parametrize(
+    ("module", "override", "line"),
+    [
+        (
+            "reptile_gen.train",
+            "algorithm.inner_loop=lowrank",
+            "error: algorithm.inner_loop=lowrank: moved; use engine=lowrank",
+        ),
+        (
+            "reptile_gen.eval",
+            "algorithm.inner_optimizer.name=adam",
+            "error: algorithm.inner_optimizer.name=adam: moved; use engine=higher "
+            "engine.inner_optimizer.name=adam",
+        ),
+    ],
+)
+def test_an_old_override_on_the_command_line_is_one_line(tmp_path, module, override, line):
+    env = dict(os.environ, WANDB_MODE="offline", PROJECT_ROOT=str(tmp_path))
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, override],
+        cwd=Path(CONF_DIR).parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == line
