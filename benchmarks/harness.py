@@ -189,7 +189,7 @@ def time_meta_steps(
         "cost": meta_step_cost(module, batches[0]),
         "support_length": int(batches[0].support_x.shape[1]),
     }
-    if getattr(module, "hparams", {}).get("compile") is True:
+    if (getattr(module, "hparams", {}).get("engine") or {}).get("compile") is True:
         # torch.compile builds its programs in the first step (cold cache: see run.py)
         result["compile_s"] = max(first_step_s - median, 0.0)
     if device.startswith("cuda"):

@@ -3,8 +3,8 @@
 A workload is a Hydra composition of the real ``conf/`` (task, model, algorithm and their
 options) plus the engines it is timed with:
 
-* *engines* are the values of ``algorithm.inner_loop`` (``functional``, ``higher``,
-  ``lowrank``); the module is built with ``algorithm.inner_loop=<engine>`` and timed
+* *engines* are the choices of the ``engine`` config group (``functional``, ``higher``,
+  ``lowrank``); the module is built with ``engine=<engine>`` and timed
   through its own ``meta_loss``;
 * *baselines* are hand-written meta-losses (:mod:`benchmarks.baselines`) run on the module
   built with the :attr:`Workload.reference` engine (same parameters, same optimizer).
@@ -25,13 +25,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from benchmarks.original_method import all_positions_real, original_method_meta_loss
 from benchmarks.baselines import (
     functional_graph_meta_loss,
     functional_vmap_grad_meta_loss,
     plain_loop_maml_meta_loss,
     vmap_reference_maml_meta_loss,
 )
+from benchmarks.original_method import all_positions_real, original_method_meta_loss
 from reptile_gen.data.task_batch import TaskBatch
 
 __all__ = [
@@ -47,13 +47,13 @@ __all__ = [
 ]
 
 #: how an engine is selected in the config
-ENGINE_OVERRIDE = "algorithm.inner_loop={engine}"
+ENGINE_OVERRIDE = "engine={engine}"
 
 #: engines that are another engine with options: ``{name: (engine, extra overrides)}``
 ENGINE_VARIANTS = {
     # the functional engine's meta-training step as a torch.compile-d program
     # (reptile_gen.inner_loop.compiled); its first step's compile time is reported apart
-    "functional_compiled": ("functional", ("algorithm.compile=true",)),
+    "functional_compiled": ("functional", ("engine.compile=true",)),
 }
 
 #: the timing settings a workload's :attr:`Workload.budget` may set per mode
@@ -107,7 +107,7 @@ class Workload:
         name: registry key (``--workloads``).
         description: one line for the report.
         overrides: Hydra overrides on ``conf/config.yaml`` (the engine's is added).
-        engines: ``algorithm.inner_loop`` values to time.
+        engines: ``engine`` choices to time.
         baselines: hand-written meta-losses ``(module, batch) -> (loss, logs)`` by name,
             run on the module built with ``reference``.
         reference: the engine the ratios are taken against and the baselines' gradients

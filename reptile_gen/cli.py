@@ -23,6 +23,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from reptile_gen import CONF_DIR
+from reptile_gen.utils.config_compat import upgrade_config
 from reptile_gen.utils.runtime import ConfigError, load_checkpoint, resolve_ckpt_path
 
 __all__ = [
@@ -131,7 +132,7 @@ def load_run_config(path: str | Path) -> DictConfig:
             f"run config {str(path)!r} is not a run's config (no algorithm node); "
             "give the .hydra/config.yaml saved by the training run"
         )
-    return cfg
+    return upgrade_config(cfg)
 
 
 def _read_yaml(path: Path):

@@ -227,6 +227,8 @@ def algorithm_name(run: Run) -> str:
     cls = algorithm_class(target) if target else None
     if cls is None:
         return str(run.choices.get("algorithm") or target.rsplit(".", 1)[-1] or run.dir.name)
+    if hasattr(cls, "display_name_for"):
+        return str(cls.display_name_for(algo))
     name = display_name(cls)
     if algo.get("first_order"):
         name = ("fo" if name.islower() else "FO") + name

@@ -39,6 +39,7 @@ from reptile_gen.cli import (
     source_record,
     test_and_report,
 )
+from reptile_gen.utils.config_compat import exit_on_moved_overrides
 from reptile_gen.utils.runtime import (
     CheckpointError,
     check_checkpoint_matches,
@@ -98,6 +99,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         finish_loggers(loggers)
 
 
+@exit_on_moved_overrides
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> float | None:
     return optimized_value(cfg, evaluate(cfg))

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from reptile_gen import CONF_DIR
 from reptile_gen.cli import test_and_report
+from reptile_gen.utils.config_compat import exit_on_moved_overrides
 from reptile_gen.utils.instantiate import build_run, build_trainer
 from reptile_gen.utils.runtime import (
     check_checkpoint_matches,
@@ -97,6 +98,7 @@ def train(cfg: DictConfig) -> dict:
         finish_loggers(loggers)
 
 
+@exit_on_moved_overrides
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     return optimized_value(cfg, train(cfg))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 
 import pytorch_lightning as pl
@@ -18,7 +18,7 @@ from reptile_gen.data.task_spec import TaskSpec
 from reptile_gen.inner_loop import InnerLoopEngine, InnerLR, InnerSchedule, make_engine
 from reptile_gen.utils.stats import mean_and_ci95
 
-__all__ = ["MetaLearner"]
+__all__ = ["MetaLearner", "engine_config"]
 
 # The validation and test metrics are computed on every rank from the gathered per-task
 # results (MetaLearner._gather_eval_results), so they are already global and need no
@@ -42,8 +42,14 @@ class MetaLearner(pl.LightningModule):
             (default: Adam, lr 1e-3).
         scheduler: optional LR scheduler factory taking the optimizer (stepped each
             meta-step).
-        inner_loop: engine name, ``functional`` (default), ``higher`` or ``lowrank``.
-        inner_optimizer: ``{name: sgd|adam|..., **kwargs}``; non-SGD needs ``higher``.
+        engine: the inner-loop engine's config ``{name: functional|lowrank|higher,
+            **options}`` (the ``engine`` config group, ``conf/engine/*.yaml``): functional
+            takes ``chunk_size`` (tasks per ``vmap`` chunk) and ``compile`` (``true``
+            compiles the few-shot meta-training step of an MLP with ``torch.compile``,
+            MAML and first-order MAML; ``eager`` runs the same program op by op: see
+            :mod:`reptile_gen.inner_loop.compiled`); lowrank takes ``chunk_size``; higher
+            takes ``inner_optimizer`` (``{name: sgd|adam|..., **kwargs}``). Default:
+            ``{name: functional}``.
         inner_lr: each task's inner step size (never scaled by the meta-batch size).
         inner_lr_learned: ``none|scalar|per_tensor|per_parameter`` (Meta-SGD).
         inner_steps: few-shot tasks: inner steps per task in training, each on the whole
@@ -56,21 +62,29 @@ class MetaLearner(pl.LightningModule):
         eval_inner_steps: adaptation steps scored in validation and test (few-shot).
         eval_random_init: also score the freshly initialised model at test time (the
             random-initialisation baseline).
-        vmap_chunk_size: tasks per ``vmap`` chunk for the functional engine.
         checkpoint_segments: second-order MAML over long inner loops: ``null`` (keep the
             whole unroll), ``auto`` (sqrt(T) segments recomputed in backward, exact) or a
             segment count. Functional engine only.
         truncate_steps: second-order MAML differentiates through only the last ``k``
             inner updates (older ones first-order); ``null`` for all.
-        compile: ``true`` compiles the few-shot meta-training step of an MLP with
-            ``torch.compile`` (functional engine; MAML and first-order MAML), ``eager``
-            runs the same program op by op: see :mod:`reptile_gen.inner_loop.compiled`.
     """
 
+    #: the algorithm's name in reports and messages (set by subclasses)
+    display_name = "meta-learner"
+    #: the family the algorithm belongs to: maml | reptile | transfer | likelihood
+    family = "maml"
     #: what flows back through the inner loop (set by subclasses)
     grad_mode = "second_order"
     #: whether learned inner learning rates receive a gradient from this algorithm
     learns_inner_lr = True
+    #: whether training runs an inner loop (an engine): false for the LSTM baseline
+    has_inner_loop = True
+
+    @classmethod
+    def display_name_for(cls, config: Mapping | None = None) -> str:
+        """:attr:`display_name` of the algorithm that ``config`` (its constructor
+        arguments, e.g. a run's ``algorithm`` node) builds with this class."""
+        return cls.display_name
 
     def __init__(
         self,
@@ -78,8 +92,7 @@ class MetaLearner(pl.LightningModule):
         task_spec: TaskSpec,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable | None = None,
-        inner_loop: str = "functional",
-        inner_optimizer: dict | None = None,
+        engine: Mapping | None = None,
         inner_lr: float = 0.01,
         inner_lr_learned: str = "none",
         inner_steps: int | None = 1,
@@ -87,13 +100,14 @@ class MetaLearner(pl.LightningModule):
         objective: str = "auto",
         eval_inner_steps: int = 10,
         eval_random_init: bool = True,
-        vmap_chunk_size: int | None = None,
         checkpoint_segments: int | str | None = None,
         truncate_steps: int | None = None,
-        compile: bool | str = False,
     ) -> None:
         super().__init__()
+        engine = engine_config(engine)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "task_spec"])
+        # the plain mapping with its name (a subclass's own arguments may hold the original)
+        self.hparams["engine"] = engine
         _check_positive("algorithm.inner_lr", inner_lr, float)
         if inner_steps is not None:
             _check_positive("algorithm.inner_steps", inner_steps, int)
@@ -115,7 +129,7 @@ class MetaLearner(pl.LightningModule):
         if inner_lr_learned != "none" and not self.learns_inner_lr:
             raise ValueError(
                 f"algorithm.inner_lr_learned={inner_lr_learned!r} with "
-                f"{type(self).__name__}: this algorithm gives inner learning rates no "
+                f"{self.display_name}: this algorithm gives inner learning rates no "
                 "gradient; allowed: none (use algorithm=maml or fomaml for Meta-SGD)"
             )
         self.model = model
@@ -129,29 +143,38 @@ class MetaLearner(pl.LightningModule):
             ):
                 if value is not None:
                     algorithm = (
-                        "first-order MAML"
-                        if self.grad_mode == "first_order"
-                        else type(self).__name__
+                        "first-order MAML" if self.grad_mode == "first_order" else self.display_name
                     )
                     raise ValueError(
                         f"algorithm.{key}={value!r} with {algorithm}: only "
                         "second-order MAML keeps an unroll to checkpoint or truncate; "
                         "allowed: null"
                     )
-        if compile and self.grad_mode == "none":
+        options = dict(engine)
+        name = options.pop("name")
+        inner_optimizer = options.pop("inner_optimizer", None)
+        chunk_size = options.pop("chunk_size", None)
+        compile_ = options.pop("compile", False)
+        if options:
+            key = next(iter(options))
             raise ValueError(
-                f"algorithm.compile={compile!r} with {type(self).__name__}: it compiles the "
+                f"engine.{key}={options[key]!r}: not an engine option; allowed: "
+                "engine.chunk_size, engine.compile (functional), engine.inner_optimizer (higher)"
+            )
+        if compile_ and self.grad_mode == "none":
+            raise ValueError(
+                f"engine.compile={compile_!r} with {self.display_name}: it compiles the "
                 "meta-gradient through the inner loop, which this algorithm does not take; "
-                "allowed: algorithm=maml or fomaml"
+                "allowed: engine.compile=false, or algorithm=maml or fomaml"
             )
         self.engine: InnerLoopEngine = make_engine(
-            inner_loop,
+            name,
             inner_optimizer,
-            chunk_size=vmap_chunk_size,
+            chunk_size=chunk_size,
             checkpoint_segments=checkpoint_segments,
             truncate_steps=truncate_steps,
             inner_lr_learned=inner_lr_learned,
-            compile=compile,
+            compile=compile_,
         )
         self.inner_lr = InnerLR(
             [(n, p.shape) for n, p in model.named_parameters()], inner_lr, inner_lr_learned
@@ -358,6 +381,26 @@ class MetaLearner(pl.LightningModule):
             random_model.load_state_dict(self._initial_state)
             self.__dict__["_random_model"] = random_model
         return self.__dict__["_random_model"]
+
+
+def engine_config(engine: Mapping | None) -> dict:
+    """``engine`` (a mapping or ``DictConfig``, or None for the functional engine) as a
+    plain ``dict`` with its ``name``; saved in the hyper-parameters as it is."""
+    if engine is None:
+        return {"name": "functional"}
+    if not isinstance(engine, Mapping):
+        raise ValueError(
+            f"engine={engine!r}; must be a mapping {{name: functional|lowrank|higher, ...}} "
+            "(on the command line: engine=functional|lowrank|higher)"
+        )
+    from omegaconf import DictConfig, OmegaConf
+
+    plain = (
+        OmegaConf.to_container(engine, resolve=True) if isinstance(engine, DictConfig) else engine
+    )
+    out = copy.deepcopy(dict(plain))
+    out.setdefault("name", "functional")
+    return out
 
 
 def _check_positive(name: str, value, kind, allow_zero: bool = False) -> None:

@@ -17,6 +17,8 @@ class JointTraining(MetaLearner):
     waves this learns roughly the mean function (about 0) and fine-tunes poorly, which is
     the point of the comparison."""
 
+    display_name = "joint (transfer)"
+    family = "transfer"
     grad_mode = "none"
     learns_inner_lr = False
 

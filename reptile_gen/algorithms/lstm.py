@@ -56,6 +56,8 @@ class LSTMBaseline(MetaLearner):
         eval_random_init: also score the untrained LSTM at test time.
     """
 
+    display_name = "LSTM"
+    family = "likelihood"
     grad_mode = "none"
     learns_inner_lr = False
     #: no SGD-per-element dynamics to replay (e.g. for the online sampler): the sequence

@@ -17,8 +17,18 @@ class MAML(MetaLearner):
     initial weights.
     """
 
+    display_name = "MAML"
+    family = "maml"
+
+    @classmethod
+    def display_name_for(cls, config=None) -> str:
+        first_order = bool((config or {}).get("first_order", False))
+        return "first-order MAML" if first_order or cls.grad_mode == "first_order" else "MAML"
+
     def __init__(self, *args, first_order: bool = False, **kwargs) -> None:
         self.grad_mode = "first_order" if first_order else "second_order"
+        if first_order:
+            self.display_name = "first-order MAML"
         super().__init__(*args, **kwargs)
 
     def meta_loss(self, batch: TaskBatch):
@@ -32,6 +42,9 @@ class MAML(MetaLearner):
 
 class FOMAML(MAML):
     """First-order MAML (``MAML(first_order=True)``)."""
+
+    display_name = "first-order MAML"
+    grad_mode = "first_order"
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs["first_order"] = True

@@ -25,6 +25,8 @@ class Reptile(MetaLearner):
     Reptile gives inner learning rates no gradient: learning them is a config error.
     """
 
+    display_name = "Reptile"
+    family = "reptile"
     grad_mode = "none"
     learns_inner_lr = False
 

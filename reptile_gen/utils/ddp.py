@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.strategies import DDPStrategy as _LightningDDPStrategy
 from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
-from reptile_gen.utils.runtime import ConfigError
+from reptile_gen.utils.errors import ConfigError
 
 __all__ = ["DDPStrategy", "check_ddp_launch"]
 

@@ -31,8 +31,10 @@ def build_run(cfg: DictConfig):
     model = hydra.utils.instantiate(model_cfg)(spec=datamodule.spec)
     init_head_bias(model, head_bias, datamodule)
     # called, not instantiated with kwargs: Hydra would turn the spec dataclass into a config
+    algorithm = hydra.utils.get_class(cfg.algorithm._target_)
+    engine = {"engine": cfg.get("engine")} if getattr(algorithm, "has_inner_loop", True) else {}
     module = hydra.utils.instantiate(cfg.algorithm, _partial_=True)(
-        model=model, task_spec=datamodule.spec
+        model=model, task_spec=datamodule.spec, **engine
     )
     if str(cfg.trainer.get("precision", "")).startswith("64"):
         module = module.double()

@@ -13,12 +13,16 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from reptile_gen.utils.errors import CheckpointError, ConfigError
+
 __all__ = [
     "LAST_CKPT",
     "CheckpointError",
     "ConfigError",
+    "algorithm_class",
     "check_checkpoint_matches",
     "check_config",
+    "check_no_inner_loop",
     "check_resumable",
     "finish_loggers",
     "load_checkpoint",
@@ -31,35 +35,58 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
-    """A config value that is not allowed; the message names it and what is allowed."""
+def algorithm_class(algo: DictConfig) -> type:
+    """The class that the ``algorithm`` node builds (``hydra.utils.get_class`` of its
+    ``_target_``); a :class:`ConfigError` when it names none."""
+    from hydra.utils import get_class
+
+    target = str(algo.get("_target_", ""))
+    try:
+        return get_class(target)
+    except Exception as err:
+        raise ConfigError(
+            f"algorithm._target_={target!r}: not an importable algorithm class; allowed: "
+            "algorithm=maml|fomaml|reptile|joint|lstm, or a MetaLearner subclass's import path"
+        ) from err
 
 
 def check_config(cfg: DictConfig) -> None:
     """Cross-group checks that no single constructor can make (each constructor checks
-    its own arguments), run before any training starts."""
+    its own arguments), run before any training starts. What the algorithm is comes from
+    its class (``display_name``, ``learns_inner_lr``, ``has_inner_loop``)."""
+    from reptile_gen.utils.config_compat import explain_moved_key, moved_keys_in
+
     algo = cfg.algorithm
-    target = str(algo.get("_target_", ""))
+    moved = moved_keys_in(algo)
+    if moved:
+        value = algo.get(moved[0])
+        shown = value if not isinstance(value, DictConfig) else None
+        override = f"algorithm.{moved[0]}" + (f"={shown}" if shown is not None else "")
+        raise ConfigError(explain_moved_key(override).removeprefix("error: "))
+    cls = algorithm_class(algo)
+    name = getattr(cls, "display_name", cls.__name__)
     learned = algo.get("inner_lr_learned", "none")
-    gives_no_lr_gradient = target.endswith(("Reptile", "JointTraining", "LSTMBaseline"))
-    if gives_no_lr_gradient and learned not in (None, "none"):
+    if not getattr(cls, "learns_inner_lr", True) and learned not in (None, "none"):
         raise ConfigError(
-            f"algorithm.inner_lr_learned={learned!r} with {target.rsplit('.', 1)[-1]}: this "
+            f"algorithm.inner_lr_learned={learned!r} with {name}: this "
             "algorithm gives inner learning rates no gradient; allowed: none "
             "(learned inner rates need algorithm=maml or algorithm=fomaml)"
         )
-    if target.endswith("LSTMBaseline"):
-        check_lstm_baseline_has_no_inner_loop(algo)
-    if algo.get("inner_loop") == "higher" and algo.get("vmap_chunk_size") is not None:
-        raise ConfigError(
-            f"algorithm.vmap_chunk_size={algo.get('vmap_chunk_size')!r} with "
-            "algorithm.inner_loop=higher: vmap chunks are an option of the functional "
-            "engine (higher loops over tasks); allowed with higher: null"
-        )
+    engine = cfg.get("engine") or {}
+    engine_name = engine.get("name", "functional")
+    if not getattr(cls, "has_inner_loop", True):
+        check_no_inner_loop(algo, name)
+        if engine_name != "functional" or any(
+            engine.get(k) not in (None, False) for k in engine if k != "name"
+        ):
+            raise ConfigError(
+                f"engine={engine_name} with {name}: this algorithm has no inner loop, so no "
+                "engine runs; allowed: the default engine=functional with no options"
+            )
     precision = str(cfg.trainer.get("precision", "32-true"))
-    if algo.get("inner_loop") == "higher" and precision.startswith(("16", "bf16")):
+    if engine_name == "higher" and precision.startswith(("16", "bf16")):
         raise ConfigError(
-            f"trainer.precision={precision!r} with algorithm.inner_loop=higher: higher's "
+            f"trainer.precision={precision!r} with engine=higher: higher's "
             "unroll does not support mixed precision; allowed: 32-true, 64-true"
         )
     from reptile_gen.utils.ddp import check_ddp_launch  # imports Lightning: not at the top
@@ -67,42 +94,35 @@ def check_config(cfg: DictConfig) -> None:
     check_ddp_launch(cfg)
 
 
-#: MetaLearner's inner-loop options, which mean nothing to the LSTM baseline
+#: MetaLearner's inner-loop options, which mean nothing to an algorithm without one
 INNER_LOOP_KEYS = (
-    "inner_loop",
-    "inner_optimizer",
     "inner_lr",
     "inner_steps",
     "inner_batch_size",
     "objective",
     "eval_inner_steps",
-    "vmap_chunk_size",
     "checkpoint_segments",
     "truncate_steps",
     "first_order",
 )
 
 
-def check_lstm_baseline_has_no_inner_loop(algo: DictConfig) -> None:
-    """``algorithm=lstm`` takes no inner-loop option (e.g. one inherited from a
-    meta-learner's experiment): a clear error rather than an unexpected keyword."""
+def check_no_inner_loop(algo: DictConfig, name: str = "LSTM") -> None:
+    """An algorithm without an inner loop (``algorithm=lstm``) takes no inner-loop option
+    (e.g. one inherited from a meta-learner's experiment): a clear error rather than an
+    unexpected keyword."""
     given = [key for key in INNER_LOOP_KEYS if key in algo]
     if given:
         raise ConfigError(
-            f"algorithm.{given[0]}={algo.get(given[0])!r} with LSTMBaseline (algorithm=lstm): "
-            "the LSTM baseline has no inner loop; remove "
+            f"algorithm.{given[0]}={algo.get(given[0])!r} with {name}: "
+            "this algorithm has no inner loop; remove "
             f"{', '.join('algorithm.' + k for k in given)} (allowed keys: hidden_size, "
-            "num_layers, embedding_dim, dropout, inner_lr_learned=none, eval_random_init, "
-            "optimizer, scheduler)"
+            "num_layers, embedding_dim, dropout, eval_random_init, optimizer, scheduler)"
         )
 
 
 #: where a run keeps its latest training state (``LastCheckpoint``), inside its run dir
 LAST_CKPT = Path("checkpoints") / "last.ckpt"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: unreadable, or not of the configured model."""
 
 
 def resolve_ckpt_path(

@@ -80,7 +80,7 @@ def test_reptile_one_step_is_sgd_on_pooled_tasks(config, engine):
     """``theta - mean_b phi_b = lr * grad mean_b L_b(theta)``: with equal-sized tasks the
     mean of the task losses is the loss of the pooled points."""
     model = make_model()
-    module = _module(Reptile, model, inner_loop=engine, inner_lr=LR, **ONE_STEP[config])
+    module = _module(Reptile, model, engine={"name": engine}, inner_lr=LR, **ONE_STEP[config])
     batch = make_batch(num_tasks=3, support=5)
     _, grads = _grads(module, batch)
     pooled = CONTINUOUS.elementwise_loss(
@@ -94,7 +94,7 @@ def test_reptile_one_step_is_sgd_on_pooled_tasks(config, engine):
 def test_reptile_one_step_with_padding_is_sgd_on_mean_task_loss(engine):
     """With padding each task's loss is the mean over its own real points."""
     model = make_model()
-    module = _module(Reptile, model, inner_loop=engine, inner_lr=LR, inner_steps=1)
+    module = _module(Reptile, model, engine={"name": engine}, inner_lr=LR, inner_steps=1)
     batch = make_batch(lengths=PADDED_LENGTHS)
     _, grads = _grads(module, batch)
     mean_loss = sum(_support_loss(model, batch, b) for b in range(3)) / 3
@@ -117,7 +117,7 @@ def test_reptile_meta_gradient_is_theta_minus_mean_adapted(schedule, engine):
     exactly ``theta + epsilon (mean phi - theta)``."""
     model = make_model()
     kwargs, sched = REPTILE_SCHEDULES[schedule]
-    module = _module(Reptile, model, inner_loop=engine, inner_lr=LR, **kwargs)
+    module = _module(Reptile, model, engine={"name": engine}, inner_lr=LR, **kwargs)
     batch = make_batch(lengths=PADDED_LENGTHS)
     theta = [p.detach().clone() for p in model.parameters()]
     adapted = [_plain_sgd(model, batch, b, sched) for b in range(batch.num_tasks)]
@@ -146,7 +146,7 @@ def test_maml_one_step_matches_closed_form(engine):
     """One inner step: ``d L_q(theta - a g_s(theta)) / d theta = (I - a H_s) g_q(phi)``,
     with the Hessian-vector product from plain double backward, per task."""
     model = make_model()
-    module = _module(MAML, model, inner_loop=engine, inner_lr=LR, inner_steps=1)
+    module = _module(MAML, model, engine={"name": engine}, inner_lr=LR, inner_steps=1)
     batch = make_batch(lengths=PADDED_LENGTHS)
     _, grads = _grads(module, batch)
     params = list(model.parameters())
@@ -206,7 +206,7 @@ def test_maml_modules_agree_across_engines(config, learned, first_order):
         module = _module(
             MAML,
             make_model(),
-            inner_loop=engine,
+            engine={"name": engine},
             inner_lr=LR,
             inner_lr_learned=learned,
             first_order=first_order,
@@ -225,7 +225,7 @@ def test_fomaml_module_matches_hand_written_reference(config, learned, engine):
     model = make_model()
     kwargs = MAML_CONFIGS[config]
     module = _module(
-        FOMAML, model, inner_loop=engine, inner_lr=LR, inner_lr_learned=learned, **kwargs
+        FOMAML, model, engine={"name": engine}, inner_lr=LR, inner_lr_learned=learned, **kwargs
     )
     batch = make_batch(lengths=PADDED_LENGTHS)
     _, grads = _grads(module, batch)
@@ -251,7 +251,7 @@ def test_maml_meta_gradients_are_non_zero(config, engine):
     module = _module(
         MAML,
         model,
-        inner_loop=engine,
+        engine={"name": engine},
         inner_lr=LR,
         inner_lr_learned="per_tensor",
         **MAML_CONFIGS[config],
@@ -274,7 +274,7 @@ def test_first_order_differs_from_second_order(config, engine):
         module = _module(
             MAML,
             make_model(),
-            inner_loop=engine,
+            engine={"name": engine},
             inner_lr=LR,
             first_order=first_order,
             **MAML_CONFIGS[config],
@@ -292,7 +292,7 @@ def test_adaptation_lowers_the_support_loss(engine):
     (with the support points as query) sees it too."""
     model = make_model()
     module = _module(
-        MAML, model, inner_loop=engine, inner_lr=0.05, inner_steps=5, eval_inner_steps=5
+        MAML, model, engine={"name": engine}, inner_lr=0.05, inner_steps=5, eval_inner_steps=5
     )
     batch = make_batch(query=None)
     result = module.adapt(batch, "second_order")

@@ -200,14 +200,14 @@ def test_float64_run(make_cfg):
             r"algorithm=lstm with task 'sine'.*allowed tasks: text, mnist, digits",
         ),
         (
-            ["algorithm.inner_lr_learned=scalar"],
+            ["+algorithm.inner_lr_learned=scalar"],
             ConfigError,
-            r"algorithm.inner_lr_learned='scalar' with LSTMBaseline.*allowed: none",
+            r"algorithm.inner_lr_learned='scalar' with LSTM:.*allowed: none",
         ),
         (
             ["+algorithm.inner_lr=0.001"],
             ConfigError,
-            r"algorithm.inner_lr=0.001 with LSTMBaseline.*no inner loop",
+            r"algorithm.inner_lr=0.001 with LSTM:.*no inner loop",
         ),
         (["algorithm.hidden_size=0"], ValueError, r"algorithm.hidden_size=0; must be"),
         (["algorithm.dropout=1.5"], ValueError, r"algorithm.dropout=1.5; must be"),

@@ -237,7 +237,7 @@ def test_trailing_padding_changes_no_nll_and_no_adapted_weights(inner_batch_size
 
 def _module(algorithm: str, spec, engine: str, seed: int = 0):
     model = make_model(spec, "mlp", seed)
-    common = {"inner_lr": LR, "inner_loop": engine, "inner_batch_size": 2}
+    common = {"inner_lr": LR, "engine": {"name": engine}, "inner_batch_size": 2}
     if algorithm == "maml":
         return MAML(model, spec, inner_lr_learned="scalar", **common).double()
     if algorithm == "fomaml":

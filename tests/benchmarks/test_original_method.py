@@ -16,7 +16,7 @@ from helpers import assert_all_close, make_batch, make_model
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.original_method import all_positions_real, original_method_meta_loss  # noqa: E402
-from reptile_gen.algorithms import MAML, FOMAML, Reptile  # noqa: E402
+from reptile_gen.algorithms import FOMAML, MAML, Reptile  # noqa: E402
 from reptile_gen.data.task_spec import TaskSpec  # noqa: E402
 from reptile_gen.models import GatedMLP  # noqa: E402
 from reptile_gen.models.shared_state_lstm import SharedStateLSTMStack  # noqa: E402

@@ -171,7 +171,7 @@ def test_console_scripts_find_the_configs_from_any_directory(name, tmp_path):
 
 
 def test_train_with_a_compiled_meta_step(project, tmp_path):
-    """``experiment=sine_maml algorithm.compile=true``: meta-training steps through the
+    """``experiment=sine_maml engine.compile=true``: meta-training steps through the
     torch.compile-d programs (Inductor, C++), evaluation on the eager path; the run
     writes its metrics. Reptile has no meta-gradient through the loop to compile."""
     run_dir = tmp_path / "compiled"
@@ -181,7 +181,7 @@ def test_train_with_a_compiled_meta_step(project, tmp_path):
                 "-m",
                 "reptile_gen.train",
                 "experiment=sine_maml",
-                "algorithm.compile=true",
+                "engine.compile=true",
                 *TINY,
                 f"algorithm.eval_inner_steps={EVAL_STEPS}",
                 f"hydra.run.dir={run_dir}",
@@ -192,9 +192,9 @@ def test_train_with_a_compiled_meta_step(project, tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert math.isfinite(metrics[f"test/mse_step_{EVAL_STEPS}"])
     proc = run_cli(
-        ["-m", "reptile_gen.train", "algorithm=reptile", "+algorithm.compile=true", *TINY,
+        ["-m", "reptile_gen.train", "algorithm=reptile", "engine.compile=true", *TINY,
          f"hydra.run.dir={tmp_path / 'reptile'}"],
         project,
     )  # fmt: skip
     assert proc.returncode != 0
-    assert "algorithm.compile=True with Reptile" in proc.stderr
+    assert "engine.compile=True with Reptile" in proc.stderr

@@ -106,8 +106,8 @@ def test_label_falls_back_to_the_algorithm(tmp_path):
     from reptile_gen.compare import display_name
 
     maml, joint = display_name(MAML), display_name(JointTraining)
-    first_order = ("fo" if maml.islower() else "FO") + maml
-    assert sorted(g.label for g in groups) == sorted([first_order, joint, maml])
+    assert sorted(g.label for g in groups) == sorted(["first-order MAML", joint, maml])
+    assert (maml, joint) == ("MAML", "joint (transfer)")
     assert all(g.n == 1 and g.std[0] == 0.0 for g in groups)
     assert baselines == []
 

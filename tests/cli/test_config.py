@@ -5,8 +5,11 @@ train and for eval)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException, MissingConfigException
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from reptile_gen.eval import CheckpointError, build_eval_config, evaluate
 from reptile_gen.train import train
@@ -25,7 +28,7 @@ from reptile_gen.utils.runtime import ConfigError
 
 ALGORITHMS = ["maml", "fomaml", "reptile", "joint"]
 MODELS = ["mlp", "gated_mlp", "lstm_block", "siren"]
-ENGINES = ["functional", "higher"]
+ENGINES = ["functional", "higher"]  # lowrank: tests/inner_loop/test_lowrank_engine.py
 TASKS = ["sine"]
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 
@@ -50,7 +53,7 @@ def test_every_combination_builds_and_backprops(make_cfg, task, algorithm, model
             f"task={task}",
             f"algorithm={algorithm}",
             f"model={model}",
-            f"algorithm.inner_loop={engine}",
+            f"engine={engine}",
         ]
     )
     datamodule, module = build_run(cfg)
@@ -69,13 +72,13 @@ def test_every_combination_builds_and_backprops(make_cfg, task, algorithm, model
     "overrides",
     [
         ["algorithm=maml", "model=mlp"],
-        ["algorithm=fomaml", "model=gated_mlp", "algorithm.inner_loop=higher"],
+        ["algorithm=fomaml", "model=gated_mlp", "engine=higher"],
         ["algorithm=reptile", "model=lstm_block", "algorithm.inner_steps=2"],
-        ["algorithm=joint", "model=siren", "algorithm.inner_loop=higher"],
+        ["algorithm=joint", "model=siren", "engine=higher"],
         [
             "algorithm=maml",
-            "algorithm.inner_loop=higher",
-            "algorithm.inner_optimizer.name=adam",
+            "engine=higher",
+            "engine.inner_optimizer.name=adam",
             "algorithm.inner_lr_learned=per_tensor",
         ],
     ],
@@ -142,32 +145,35 @@ BAD = [
     (["algorithm.inner_lr=-0.1"], "algorithm.inner_lr=-0.1; must be a number > 0"),
     (["algorithm.inner_steps=0"], "algorithm.inner_steps=0; must be an integer > 0"),
     (["task.num_support=0"], "task.num_support=0; must be an integer >= 1"),
-    (["algorithm.inner_loop=jax"], "algorithm.inner_loop='jax'; allowed: functional, higher"),
     (
-        ["algorithm.inner_optimizer.name=adam"],
-        "needs algorithm.inner_loop=higher: the functional engine runs plain SGD",
+        ["+engine.inner_optimizer.name=adam"],
+        "inner_optimizer.*the functional engine runs plain SGD",
     ),
     (
-        ["algorithm.inner_loop=higher", "algorithm.inner_optimizer.name=lbfgs"],
-        "algorithm.inner_optimizer.name='lbfgs'; allowed with algorithm.inner_loop=higher: sgd",
+        ["engine=higher", "engine.inner_optimizer.name=lbfgs"],
+        "inner_optimizer.name='lbfgs'; allowed",
     ),
+    (["engine=higher", "+engine.chunk_size=4"], "higher does not support .*chunk_size=4"),
+    (["+engine.grad=fast"], "engine.grad='fast': not an engine option; allowed: engine.chunk_size"),
     (
-        ["algorithm.inner_loop=higher", "algorithm.vmap_chunk_size=4"],
-        "algorithm.vmap_chunk_size=4 with algorithm.inner_loop=higher",
-    ),
-    (
-        ["algorithm=reptile", "algorithm.inner_lr_learned=scalar"],
+        ["algorithm=reptile", "+algorithm.inner_lr_learned=scalar"],
         "algorithm.inner_lr_learned='scalar' with Reptile.*allowed: none",
     ),
     (
-        ["algorithm=joint", "algorithm.inner_lr_learned=per_tensor"],
-        "algorithm.inner_lr_learned='per_tensor' with JointTraining.*allowed: none",
+        ["algorithm=joint", "+algorithm.inner_lr_learned=per_tensor"],
+        r"algorithm.inner_lr_learned='per_tensor' with joint \(transfer\).*allowed: none",
     ),
+    (["algorithm=reptile", "engine.compile=true"], "engine.compile=True with Reptile"),
+    (["+algorithm.inner_loop=lowrank"], "algorithm.inner_loop=lowrank: moved; use engine=lowrank"),
     (
         ["algorithm.inner_lr_learned=bogus"],
         "inner_lr_learned='bogus'; allowed: none, scalar, per_tensor, per_parameter",
     ),
     (["algorithm.objective=foo"], "algorithm.objective='foo'; allowed: auto, query, online"),
+    (
+        ["algorithm=lstm", "task=digits", "engine=lowrank"],
+        "engine=lowrank with LSTM: this algorithm has no inner loop",
+    ),
     (["ckpt_path=/no/such/file.ckpt"], "ckpt_path='/no/such/file.ckpt': no such checkpoint file"),
 ]
 
@@ -183,7 +189,7 @@ def test_bad_input_is_a_clear_error_before_training(make_cfg, tmp_path, override
 
 
 def test_cross_group_errors_are_config_errors(make_cfg):
-    cfg = make_cfg(["algorithm=reptile", "algorithm.inner_lr_learned=scalar"])
+    cfg = make_cfg(["algorithm=reptile", "+algorithm.inner_lr_learned=scalar"])
     with pytest.raises(ConfigError):
         train(cfg)
 
@@ -224,10 +230,12 @@ def test_eval_applies_overrides_to_the_saved_config(trained_run, tmp_path):
             "trainer=cpu",
             "task.num_test_tasks=6",
             "algorithm.eval_inner_steps=3",
+            "engine=lowrank",
         ],
         tmp_path / "eval",
     )
     eff, *_ = build_eval_config(cfg)
+    assert OmegaConf.to_container(eff.engine) == {"name": "lowrank", "chunk_size": None}
     assert eff.algorithm._target_.endswith("Reptile")  # the run's, not the eval default
     assert list(eff.model.body.hidden_sizes) == [16, 16]
     assert eff.task.num_test_tasks == 6 and eff.algorithm.eval_inner_steps == 3
@@ -307,3 +315,69 @@ def test_eval_checkpoint_of_another_model(trained_run, tmp_path, overrides, mess
     assert "does not fit the model" in text and "the checkpoint:" in text
     assert "this config: task=sine" in text
     assert not (tmp_path / "eval" / "metrics.json").exists()
+
+
+# ---------------------------------------------------------------------- the old config shape
+def _old_shape(config: DictConfig) -> dict:
+    """``config`` as a run wrote it before the engine group: the engine and its options
+    were algorithm keys."""
+    old = OmegaConf.to_container(config, resolve=False)
+    engine = old.pop("engine")
+    old["algorithm"].update(
+        inner_loop=engine["name"],
+        inner_optimizer={"name": "sgd"},
+        vmap_chunk_size=engine.get("chunk_size"),
+        compile=engine.get("compile", False),
+    )
+    return old
+
+
+def test_eval_of_a_run_saved_in_the_old_shape(trained_run, tmp_path):
+    """A run dir whose .hydra/config.yaml predates the engine group still evaluates."""
+    old_dir = tmp_path / "old_run"
+    shutil.copytree(trained_run, old_dir)
+    config = old_dir / ".hydra" / "config.yaml"
+    config.write_text(OmegaConf.to_yaml(_old_shape(OmegaConf.load(config))))
+    ckpt = old_dir / "checkpoints" / "last.ckpt"
+    cfg = compose_eval([f"ckpt_path={ckpt}", "task.num_test_tasks=4"], tmp_path / "eval")
+    eff, *_ = build_eval_config(cfg)
+    assert eff.engine.name == "functional" and "inner_loop" not in eff.algorithm
+    metrics = evaluate(cfg)
+    assert "test/mse_step_10" in metrics
+
+
+def test_an_old_key_left_in_a_config_names_the_new_one(make_cfg):
+    cfg = make_cfg(["+algorithm.vmap_chunk_size=4"])
+    with pytest.raises(ConfigError, match=r"^algorithm.vmap_chunk_size=4: moved; use engine"):
+        train(cfg)
+
+
+@pytest.mark.parametrize(
+    ("module", "override", "line"),
+    [
+        (
+            "reptile_gen.train",
+            "algorithm.inner_loop=lowrank",
+            "error: algorithm.inner_loop=lowrank: moved; use engine=lowrank",
+        ),
+        (
+            "reptile_gen.eval",
+            "algorithm.inner_optimizer.name=adam",
+            "error: algorithm.inner_optimizer.name=adam: moved; use engine=higher "
+            "engine.inner_optimizer.name=adam",
+        ),
+    ],
+)
+def test_an_old_override_on_the_command_line_is_one_line(tmp_path, module, override, line):
+    env = dict(os.environ, WANDB_MODE="offline", PROJECT_ROOT=str(tmp_path))
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, override],
+        cwd=Path(CONF_DIR).parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == line

@@ -51,12 +51,12 @@ TINY_DDP = [
 CASES = {
     "maml": ["algorithm=maml", "algorithm.inner_steps=2"],
     "reptile": ["algorithm=reptile", "algorithm.inner_steps=3", "algorithm.scheduler=null"],
-    "maml_higher": ["algorithm=maml", "algorithm.inner_steps=2", "algorithm.inner_loop=higher"],
+    "maml_higher": ["algorithm=maml", "algorithm.inner_steps=2", "engine=higher"],
     "reptile_higher": [
         "algorithm=reptile",
         "algorithm.inner_steps=3",
         "algorithm.scheduler=null",
-        "algorithm.inner_loop=higher",
+        "engine=higher",
     ],
     "maml_checkpointed": [
         "algorithm=maml",

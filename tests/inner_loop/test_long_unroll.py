@@ -285,7 +285,7 @@ def test_meta_learner_passes_the_options_to_the_engine():
 #: nothing, and an invalid value
 BAD_CONFIGS = [
     (
-        ["algorithm=reptile", "algorithm.truncate_steps=3"],
+        ["algorithm=reptile", "+algorithm.truncate_steps=3"],
         "algorithm.truncate_steps=3 with Reptile: only second-order MAML keeps an unroll "
         "to checkpoint or truncate; allowed: null",
     ),
@@ -295,7 +295,7 @@ BAD_CONFIGS = [
         "keeps an unroll to checkpoint or truncate; allowed: null",
     ),
     (
-        ["algorithm.inner_loop=higher", "algorithm.checkpoint_segments=auto"],
+        ["engine=higher", "algorithm.checkpoint_segments=auto"],
         "algorithm.inner_loop=higher does not support algorithm.checkpoint_segments='auto' "
         "(a functional-engine option; use algorithm.inner_loop=functional, or leave it null)",
     ),
@@ -304,7 +304,7 @@ BAD_CONFIGS = [
         "algorithm.checkpoint_segments=0; allowed: null, auto, or an integer >= 1",
     ),
     (
-        ["algorithm.inner_loop=higher", "algorithm.truncate_steps=-1"],
+        ["engine=higher", "algorithm.truncate_steps=-1"],
         "algorithm.truncate_steps=-1; allowed: null or an integer >= 0",
     ),
 ]
@@ -341,14 +341,14 @@ def test_invalid_values_name_the_value(engine, options, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         make_engine(engine, **options)
     with pytest.raises(ValueError, match=re.escape(message)):
-        MAML(make_model(), CONTINUOUS, inner_loop=engine, **options)
+        MAML(make_model(), CONTINUOUS, engine={"name": engine}, **options)
 
 
 @pytest.mark.parametrize(
     "overrides",
     [
         ["algorithm.checkpoint_segments=3", "algorithm.truncate_steps=2"],
-        ["algorithm.inner_loop=higher", "algorithm.truncate_steps=0"],
+        ["engine=higher", "algorithm.truncate_steps=0"],
     ],
     ids=" ".join,
 )
@@ -356,7 +356,7 @@ def test_good_long_unroll_options_build(make_cfg, overrides):
     cfg = make_cfg(["task=digits", "model=lstm_block", *overrides])
     _, module = build_run(cfg)
     algo = cfg.algorithm
-    assert module.engine.name == algo.inner_loop
+    assert module.engine.name == cfg.engine.name
     assert module.engine.truncate_steps == algo.truncate_steps
-    if algo.inner_loop == "functional":
+    if cfg.engine.name == "functional":
         assert module.engine.checkpoint_segments == algo.checkpoint_segments

@@ -204,7 +204,7 @@ def test_reptile_and_maml_modules_match_the_functional_engine():
             module = cls(
                 model,
                 CLASSES,
-                inner_loop=engine,
+                engine={"name": engine},
                 inner_lr=0.2,
                 inner_steps=None,
                 objective="online",
@@ -292,11 +292,11 @@ def test_per_parameter_rates_are_a_clear_error(make_cfg):
         "per-parameter rate matrix does not factor out of the low-rank update; " + ALLOWED_RATES
     )
     with pytest.raises(ValueError, match=re.escape(message)):
-        MAML(make_model(), CONTINUOUS, inner_loop="lowrank", inner_lr_learned="per_parameter")
+        MAML(make_model(), CONTINUOUS, engine={"name": "lowrank"}, inner_lr_learned="per_parameter")
     model = make_model()
     with pytest.raises(ValueError, match=re.escape(message)):  # the engine run directly
         _run(LOWRANK, model, make_batch(), make_lr(model, "per_parameter"), ONLINE_1, "none")
-    cfg = make_cfg(["algorithm.inner_loop=lowrank", "algorithm.inner_lr_learned=per_parameter"])
+    cfg = make_cfg(["engine=lowrank", "algorithm.inner_lr_learned=per_parameter"])
     with pytest.raises(ValueError, match=re.escape(message)):
         build_run(cfg)
 
@@ -305,24 +305,24 @@ def test_per_parameter_rates_are_a_clear_error(make_cfg):
     ("overrides", "message"),
     [
         (
-            ["algorithm.inner_optimizer.name=adam"],
+            ["+engine.inner_optimizer.name=adam"],
             "algorithm.inner_optimizer={name: adam, {}} with algorithm.inner_loop=lowrank: "
             "the low-rank engine runs plain SGD",
         ),
         (["algorithm.checkpoint_segments=0"], "algorithm.checkpoint_segments=0; allowed:"),
         (["algorithm.truncate_steps=-1"], "algorithm.truncate_steps=-1; allowed:"),
-        (["algorithm.vmap_chunk_size=0"], "algorithm.vmap_chunk_size=0; allowed: null or"),
+        (["engine.chunk_size=0"], "algorithm.vmap_chunk_size=0; allowed: null or"),
     ],
     ids=lambda v: v[0] if isinstance(v, list) else "",
 )
 def test_bad_options_are_clear_errors(make_cfg, overrides, message):
-    cfg = make_cfg(["algorithm.inner_loop=lowrank", *overrides])
+    cfg = make_cfg(["engine=lowrank", *overrides])
     with pytest.raises(ValueError, match=re.escape(message)):
         build_run(cfg)
 
 
 def test_good_config_builds(make_cfg):
-    overrides = ["task=digits", "model=lstm_block", "algorithm.inner_loop=lowrank"]
+    overrides = ["task=digits", "model=lstm_block", "engine=lowrank"]
     cfg = make_cfg(
         [*overrides, "algorithm.checkpoint_segments=auto", "algorithm.inner_lr_learned=per_tensor"]
     )
@@ -350,7 +350,7 @@ def test_sampler_replays_the_lowrank_inner_loop(make_cfg):
     """The sampler (plain SGD replayed per sample) accepts a lowrank checkpoint, and its
     teacher-forced online losses are the engine's (digits, float64, batches of 3)."""
     overrides = ["task=digits", "model.body.hidden_sizes=[16,16]", "algorithm.inner_batch_size=3"]
-    cfg = make_cfg([*overrides, "algorithm.inner_loop=lowrank", "trainer.precision=64-true"])
+    cfg = make_cfg([*overrides, "engine=lowrank", "trainer.precision=64-true"])
     datamodule, module = build_run(cfg)
     check_sampleable(module)
     datamodule.setup("test")

@@ -244,7 +244,7 @@ def test_prompt_is_fed_first_and_too_long_a_prompt_is_a_clear_error(tmp_path):
     [
         (["task=sine"], "sampling needs a sequence task: text, mnist or digits"),
         (
-            [*DIGITS, "algorithm.inner_loop=higher", "algorithm.inner_optimizer.name=adam"],
+            [*DIGITS, "engine=higher", "engine.inner_optimizer.name=adam"],
             r"inner optimizer is algorithm.inner_optimizer=\{name: adam\}.*plain SGD",
         ),
         ([*DIGITS, "algorithm=lstm"], "cannot sample a LSTMBaseline checkpoint"),
@@ -258,7 +258,7 @@ def test_unsampleable_modules_are_clear_errors(tmp_path, overrides, message):
 
 
 def test_higher_engine_with_plain_sgd_is_sampled(tmp_path):
-    _, module = module_of(tmp_path, [*DIGITS, "algorithm.inner_loop=higher"])
+    _, module = module_of(tmp_path, [*DIGITS, "engine=higher"])
     check_sampleable(module)
 
 
