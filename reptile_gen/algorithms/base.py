@@ -17,6 +17,7 @@ from reptile_gen.data.task_batch import TaskBatch
 from reptile_gen.data.task_spec import TaskSpec
 from reptile_gen.inner_loop import InnerLoopEngine, InnerLR, InnerSchedule, make_engine
 from reptile_gen.utils.stats import mean_and_ci95
+from reptile_gen.utils.step_logs import RunningMeans, is_logging_step
 
 __all__ = ["MetaLearner", "engine_config"]
 
@@ -104,6 +105,7 @@ class MetaLearner(pl.LightningModule):
         truncate_steps: int | None = None,
     ) -> None:
         super().__init__()
+        self._train_means = RunningMeans()
         engine = engine_config(engine)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "task_spec"])
         # the plain mapping with its name (a subclass's own arguments may hold the original)
@@ -230,12 +232,14 @@ class MetaLearner(pl.LightningModule):
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> torch.Tensor:
         loss, logs = self.meta_loss(batch)
-        # under DDP the logged training losses are the mean over ranks (no-op otherwise)
-        self.log("train/meta_loss", loss, prog_bar=True, batch_size=batch.num_tasks, sync_dist=True)
-        for key, value in logs.items():
-            self.log(f"train/{key}", value, batch_size=batch.num_tasks, sync_dist=True)
+        values = {"train/meta_loss": loss, **{f"train/{k}": v for k, v in logs.items()}}
         if self.inner_lr.learned == "scalar":
-            self.log("train/inner_lr", self.inner_lr.scalar.detach())
+            values["train/inner_lr"] = self.inner_lr.scalar
+        self._train_means.add(values)
+        if is_logging_step(self):
+            # the mean since the last write; under DDP the mean over ranks too
+            for key, mean in self._train_means.pop().items():
+                self.log(key, mean, prog_bar=key == "train/meta_loss", sync_dist=True)
         return loss
 
     def configure_optimizers(self):
