@@ -374,80 +374,67 @@ register(
 # original trains on the padding of short lines; the engines would skip padded steps).
 # The ``x ref`` column of ``original_method`` is how many times slower the original's
 # method is; ``speedup_vs_original`` in the JSON has the same numbers per engine.
-ORIGINAL = {"original_method": original_method_meta_loss}
 ORIGINAL_CHECK = (
     "meta-gradient of the original's method vs the low-rank engine; " + (TINY_CHECK["check_note"])
 )
 
-register(
-    Workload(
-        name="text_reptile_real",
-        description="text Reptile, 50 x 128 positions all real (the original's work), "
-        "7x512 ReLU MLP (experiment=text_reptile): low-rank engine vs the original's method",
-        overrides=("experiment=text_reptile",),
-        engines=("lowrank",),
-        baselines=ORIGINAL,
-        reference="lowrank",
-        batches=all_positions_real(sample_batches),
-        budget=SEQUENCE_BUDGET,
-        timeout_s=1800.0,
-        **dict(TINY_CHECK, check_note=ORIGINAL_CHECK),
+
+def register_against_original(name: str, description: str, overrides: tuple, **options) -> None:
+    """A workload timing the low-rank engine and the ``original_method`` baseline."""
+    options = {"budget": SEQUENCE_BUDGET, "timeout_s": 1800.0, **TINY_CHECK, **options}
+    options["check_note"] = ORIGINAL_CHECK
+    register(
+        Workload(
+            name=name,
+            description=description,
+            overrides=overrides,
+            engines=("lowrank",),
+            baselines={"original_method": original_method_meta_loss},
+            reference="lowrank",
+            **options,
+        )
     )
+
+
+register_against_original(
+    "text_reptile_real",
+    "text Reptile, 50 x 128 positions all real (the original's work), 7x512 ReLU MLP "
+    "(experiment=text_reptile): low-rank engine vs the original's method",
+    ("experiment=text_reptile",),
+    batches=all_positions_real(sample_batches),
 )
-register(
-    Workload(
-        name="text_maml_real",
-        description="text second-order MAML, 8 x 128 positions all real, sqrt(N)-"
-        "checkpointed (experiment=text_reptile algorithm=maml): low-rank vs the original's",
-        overrides=(
-            "experiment=text_reptile",
-            "algorithm=maml",
-            "task.meta_batch_size=8",
-            "algorithm.checkpoint_segments=auto",
-        ),
-        engines=("lowrank",),
-        baselines=ORIGINAL,
-        reference="lowrank",
-        batches=all_positions_real(sample_batches),
-        budget=SEQUENCE_BUDGET,
-        timeout_s=1800.0,
-        **dict(TINY_CHECK, check_note=ORIGINAL_CHECK),
-    )
+register_against_original(
+    "text_maml_real",
+    "text second-order MAML, 8 x 128 positions all real, sqrt(N)-checkpointed "
+    "(experiment=text_reptile algorithm=maml): low-rank vs the original's method",
+    (
+        "experiment=text_reptile",
+        "algorithm=maml",
+        "task.meta_batch_size=8",
+        "algorithm.checkpoint_segments=auto",
+    ),
+    batches=all_positions_real(sample_batches),
 )
-register(
-    Workload(
-        name="mnist_reptile_orig",
-        description="MNIST Reptile, 50 x 784 pixels, the original's model "
-        "(experiment=mnist_reptile model=original_mnist): low-rank vs the original's method",
-        overrides=("experiment=mnist_reptile", "model=original_mnist"),
-        engines=("lowrank",),
-        baselines=ORIGINAL,
-        reference="lowrank",
-        budget={
-            **SEQUENCE_BUDGET,
-            "full": dict(SEQUENCE_BUDGET["full"], warmup=0, min_steps=2, min_time_s=0.0),
-        },
-        timeout_s=3600.0,
-        quick_batches=prefix_batches(64),
-        quick_note="quick mode: the first 64 of 784 pixels of each image; --full runs whole images",
-        **dict(TINY_CHECK, check_note=ORIGINAL_CHECK),
-    )
+register_against_original(
+    "mnist_reptile_orig",
+    "MNIST Reptile, 50 x 784 pixels, the original's model (experiment=mnist_reptile "
+    "model=original_mnist): low-rank vs the original's method",
+    ("experiment=mnist_reptile", "model=original_mnist"),
+    budget={
+        **SEQUENCE_BUDGET,
+        "full": dict(SEQUENCE_BUDGET["full"], warmup=0, min_steps=2, min_time_s=0.0),
+    },
+    timeout_s=3600.0,
+    quick_batches=prefix_batches(64),
+    quick_note="quick mode: the first 64 of 784 pixels of each image; --full runs whole images",
 )
-register(
-    Workload(
-        name="mnist_maml_ckpt_orig",
-        description="MNIST second-order MAML, 8 x 784 pixels, sqrt(N)-checkpointed, the "
-        "original's model (experiment=mnist_maml model=original_mnist): low-rank vs the "
-        "original's method",
-        overrides=("experiment=mnist_maml", "model=original_mnist"),
-        engines=("lowrank",),
-        baselines=ORIGINAL,
-        reference="lowrank",
-        budget=SEQUENCE_BUDGET,
-        timeout_s=2400.0,
-        quick_batches=prefix_batches(196),
-        quick_note="quick mode: the first 196 of 784 pixels of each image (14 "
-        "checkpointed segments); --full runs whole images",
-        **dict(TINY_CHECK, check_note=ORIGINAL_CHECK),
-    )
+register_against_original(
+    "mnist_maml_ckpt_orig",
+    "MNIST second-order MAML, 8 x 784 pixels, sqrt(N)-checkpointed, the original's model "
+    "(experiment=mnist_maml model=original_mnist): low-rank vs the original's method",
+    ("experiment=mnist_maml", "model=original_mnist"),
+    timeout_s=2400.0,
+    quick_batches=prefix_batches(196),
+    quick_note="quick mode: the first 196 of 784 pixels of each image (14 checkpointed "
+    "segments); --full runs whole images",
 )
