@@ -41,7 +41,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from reptile_gen.data.task_spec import TaskSpec
-from reptile_gen.inner_loop.schedule import split_rates
+from reptile_gen.inner_loop.core import RateSlots, sgd_step, step_weights
 from reptile_gen.models import SequenceModel
 from reptile_gen.models.bodies import (
     MLP,
@@ -644,8 +644,8 @@ class BatchedRunner:
         self.model = model
         self.names = names
         self.loss_fn = loss_fn
-        self.rate_tensors, self.rate_slots = split_rates(rates)
-        self.fixed_rates = {k: r for k, r in rates.items() if not torch.is_tensor(r)}
+        self.slots = RateSlots(rates)
+        self.rate_tensors = self.slots.tensors
         self.chunk_size = chunk_size
         self.track_query = track_query
         self.path = path
@@ -692,10 +692,8 @@ class BatchedRunner:
         return torch.cat(out)
 
     def rates(self, rate_tensors) -> dict:
-        return {
-            k: (self.fixed_rates[k] if slot is None else rate_tensors[slot])
-            for k, slot in self.rate_slots.items()
-        }
+        """``{name: rate}`` with the learned rates taken from ``rate_tensors``."""
+        return self.slots.rates(rate_tensors)
 
     # -------------------------------------------------------------- one step
     def _step_grads(self, params, x, y, weights, graph: bool, second_order: bool):
@@ -778,7 +776,7 @@ class BatchedRunner:
                 element_losses.append(elements * mask)
             if first_order:
                 grads = [g.detach() for g in grads]
-            params = [_sgd(p, g, r) for p, g, r in zip(params, grads, rates)]
+            params = [sgd_step(p, g, r, "fused") for p, g, r in zip(params, grads, rates)]
             if track_query:
                 query_losses.append(self._query(params, query))
         num_tasks = sx.shape[0]
@@ -791,19 +789,5 @@ class BatchedRunner:
         )
 
 
-def step_weights(mask: torch.Tensor, start: int, end: int, dtype) -> tuple:
-    """``(mask, weights)`` of the step over elements ``start:end``: each task's step loss
-    is the masked mean over its elements, ``sum_i weights_i * loss_i``."""
-    m = mask[:, start:end].to(dtype)
-    return m, m / m.sum(1, keepdim=True).clamp(min=1)
-
-
 def _needs_grad(tensors) -> bool:
     return any(t.requires_grad for t in tensors)
-
-
-def _sgd(p: torch.Tensor, g: torch.Tensor, rate) -> torch.Tensor:
-    """``p - rate * g`` in one op."""
-    if torch.is_tensor(rate):
-        return torch.addcmul(p, rate, g, value=-1)
-    return torch.add(p, g, alpha=-rate)

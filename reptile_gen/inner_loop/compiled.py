@@ -61,6 +61,7 @@ from reptile_gen.inner_loop.batched import (
     closed_form_loss,
     silu_derivative,
 )
+from reptile_gen.inner_loop.core import sgd_update_list
 from reptile_gen.inner_loop.second_order import _CURVATURE
 
 __all__ = ["Plan", "plan", "run_compiled", "ACTIVATIONS"]
@@ -324,7 +325,7 @@ def _make_programs(acts, loss, fixed, first_order, compile_):
             grads, deltas, back = _backward(params, acts, g * weights.unsqueeze(-1), inputs, pre)
             saved += [*params, *inputs, *pre, *deltas, *back[1:], pred, g]
             saved += [grads[i] for i in learned]  # the learned rates' gradients need them
-            params = [p - rate * gp for p, rate, gp in zip(params, r, grads)]
+            params = sgd_update_list(params, grads, r)
         pred, inputs, pre = _forward(params, qx, acts)
         elements, g = loss_grad(pred, qy)
         saved += [*params, *inputs, *pre, g, weights, mask]

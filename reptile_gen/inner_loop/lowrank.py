@@ -55,23 +55,30 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from reptile_gen.data.task_batch import TaskBatch
-from reptile_gen.inner_loop.base import (
+from reptile_gen.inner_loop.core import (
     InnerLoopEngine,
     InnerLoopResult,
     LossFn,
+    check_truncate_steps,
+    first_order_before,
     first_visit,
     last_active_step,
     masked_mean,
+    num_segments,
+    sgd_step,
+    split_rates,
 )
-from reptile_gen.inner_loop.functional import check_truncate_steps, num_segments
 from reptile_gen.inner_loop.lowrank_mlp import mlp_stepper
-from reptile_gen.inner_loop.schedule import InnerLR, InnerSchedule, split_rates
+
+if TYPE_CHECKING:
+    from reptile_gen.data.task_batch import TaskBatch
+    from reptile_gen.inner_loop.core import InnerLR, InnerSchedule
 
 __all__ = ["LowRankEngine", "LOWRANK_LR_MODES"]
 
@@ -301,7 +308,7 @@ class _Tape:
                 c = (x @ piece[0].transpose(-1, -2)) @ piece[1]
             correction = c if correction is None else correction + c
         if correction is not None:
-            out = out - self.rates[i] * correction
+            out = sgd_step(out, correction, self.rates[i])
         if self.probes is not None:
             out = out + self.probes[i]
             self.inputs[i] = (
@@ -358,15 +365,10 @@ class _Run:
         slices = schedule.slices(support_len)
         records = first_visit(slices)
         num_steps = len(slices)
-        truncate = engine.truncate_steps if grad_mode == "second_order" else None
-        first_order_before = (
-            num_steps
-            if grad_mode == "first_order"
-            else (max(num_steps - truncate, 0) if truncate is not None else 0)
-        )
+        n_first_order = first_order_before(num_steps, grad_mode, engine.truncate_steps)
         self.width = width = max((e - s for s, e in slices), default=1) or 1
         self.steps = [
-            _Step(s, e - s, rec, i < first_order_before)
+            _Step(s, e - s, rec, i < n_first_order)
             for i, ((s, e), rec) in enumerate(zip(slices, records))
         ]
         self.num_steps = num_steps
@@ -642,13 +644,10 @@ class _Run:
                     wd[:n, r : r + s.rows] = d.detach()
                 if in_place:
                     for p, g, rate in zip(small, g_small, env.small_rates):
-                        if isinstance(rate, float):
-                            p[:n].sub_(g, alpha=rate)
-                        else:
-                            p[:n].sub_(rate * g)
+                        sgd_step(p[:n], g, rate, "inplace")
                 else:
                     small = [
-                        _update_prefix(p, rate * g.detach(), n)
+                        _update_prefix(p, g.detach(), rate, n)
                         for p, g, rate in zip(small, g_small, env.small_rates)
                     ]
             elements = _pad_tasks(elements, b)
@@ -712,7 +711,7 @@ class _Run:
                     deltas = [d.detach() for d in deltas]
                     inputs = [a.detach() for a in inputs]
                 small = [
-                    _update_prefix(p, rate * g, k)
+                    _update_prefix(p, g, rate, k)
                     for p, g, rate in zip(small, g_small, env.small_rates)
                 ]
             else:
@@ -1039,11 +1038,11 @@ def _pad_tasks(t: torch.Tensor, num_tasks: int) -> torch.Tensor:
     return t if missing <= 0 else torch.cat([t, t.new_zeros(missing, *t.shape[1:])])
 
 
-def _update_prefix(p: torch.Tensor, step: torch.Tensor, n: int) -> torch.Tensor:
-    """``p`` with ``step`` subtracted from its first ``n`` tasks (out of place)."""
+def _update_prefix(p: torch.Tensor, g: torch.Tensor, rate, n: int) -> torch.Tensor:
+    """``p`` with the SGD step ``rate * g`` taken by its first ``n`` tasks (out of place)."""
     if n == p.shape[0]:
-        return p - step
-    return torch.cat([p[:n] - step, p[n:]])
+        return sgd_step(p, g, rate)
+    return torch.cat([sgd_step(p[:n], g, rate), p[n:]])
 
 
 def _pad(t: torch.Tensor, length: int) -> torch.Tensor:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.func import vmap
 
+from reptile_gen.inner_loop.core import sgd_step
 from reptile_gen.models import MLP, SequenceModel
 from reptile_gen.models.encoders import ContinuousEncoder, DiscreteEncoder
 
@@ -114,7 +115,7 @@ class MLPStepper:
                 c = torch.bmm((x.unsqueeze(-1) == piece[0].unsqueeze(1)).to(out.dtype), piece[1])
             else:
                 c = torch.bmm(torch.bmm(x, piece[0].transpose(1, 2)), piece[1])
-            out = out.sub_(c, alpha=rate) if isinstance(rate, float) else out.sub_(rate * c)
+            out = sgd_step(out, c, rate, "inplace")
         return out
 
     def _grad_input(self, delta, weight, pieces, rate):
@@ -125,7 +126,7 @@ class MLPStepper:
                 c = torch.bmm(delta, piece[0])
             else:
                 c = torch.bmm(torch.bmm(delta, piece[1].transpose(1, 2)), piece[0])
-            g = g.sub_(c, alpha=rate) if isinstance(rate, float) else g.sub_(rate * c)
+            g = sgd_step(g, c, rate, "inplace")
         return g
 
     @torch.no_grad()

@@ -37,9 +37,8 @@ from reptile_gen.inner_loop.batched import (
     _bce_and_grad,
     _cross_entropy_and_grad,
     _mse_and_grad,
-    _sgd,
-    step_weights,
 )
+from reptile_gen.inner_loop.core import sgd_update_list, step_weights
 
 __all__ = ["HandSegment", "HandQuery", "supports"]
 
@@ -134,9 +133,7 @@ def _shared_rate(rates: list) -> float | None:
 
 def _update(params: list, grads: list, rates: list, shared_rate: float | None) -> list:
     """``p - rate * g`` for every parameter (the inner SGD step)."""
-    if shared_rate is not None:
-        return torch._foreach_add(params, grads, alpha=-shared_rate)
-    return [_sgd(q, g, r) for q, g, r in zip(params, grads, rates)]
+    return sgd_update_list(params, grads, rates if shared_rate is None else shared_rate, "fused")
 
 
 class HandSegment(torch.autograd.Function):
@@ -194,7 +191,7 @@ class HandSegment(torch.autograd.Function):
         n = ctx.num_params
         theta_bar = list(grad_outputs[:n])
         g_steps, g_elements = grad_outputs[n], grad_outputs[n + 1]
-        slots = [runner.rate_slots[name] for name in names]
+        slots = [runner.slots.slots[name] for name in names]
         wanted = [t.requires_grad for t in ctx.rate_tensors]
         rate_grads: list = [None] * len(ctx.rate_tensors)
         offset = g_elements.shape[1]

@@ -355,12 +355,10 @@ def test_hand_backward_coverage_and_double_backward_error(monkeypatch):
         torch.autograd.grad(loss, [model.head.weight], create_graph=True)
 
 
-def test_trailing_padding_steps_are_skipped_exactly(monkeypatch):
+def test_trailing_padding_steps_are_skipped_exactly():
     """Steps past the longest sequence of a batch see only padding: the engine skips
     them, with the same losses (zeros for the skipped steps), element losses and
     meta-gradients as running them, truncation and checkpointing included."""
-    from reptile_gen.inner_loop import functional
-
     model = make_model(body=HAND_BODIES["mlp_tanh"])
     batch = make_batch(num_tasks=3, support=5, query=4, lengths=[5, 3, 4])
     pad = torch.zeros(3, 4, dtype=batch.support_x.dtype)
@@ -376,12 +374,7 @@ def test_trailing_padding_steps_are_skipped_exactly(monkeypatch):
         batch.query_y,
     )
     lr = make_lr(model, "per_tensor")
-    engines = (
-        FunctionalEngine(),
-        FunctionalEngine(truncate_steps=5),
-        FunctionalEngine(checkpoint_segments=2),
-        FunctionalEngine(path="vmap_grad"),
-    )
+    options = ({}, {"truncate_steps": 5}, {"checkpoint_segments": 2}, {"path": "vmap_grad"})
     kw = {"track_query": True, "return_adapted": True}
 
     def everything(engine):
@@ -396,11 +389,9 @@ def test_trailing_padding_steps_are_skipped_exactly(monkeypatch):
         ]
         return plain, grads
 
-    for engine in engines:
-        skipped = everything(engine)
-        with monkeypatch.context() as m:
-            m.setattr(functional, "_steps_with_data", lambda slices, mask: len(slices))
-            full = everything(engine)
+    for option in options:
+        skipped = everything(FunctionalEngine(**option))
+        full = everything(FunctionalEngine(**option, skip_idle_steps=False))
         _close(skipped[0], full[0], "no graph", rtol=1e-12, atol=1e-14)
         assert skipped[0].step_losses.shape == (3, 9)
         assert not skipped[0].step_losses[:, 5:].any()
