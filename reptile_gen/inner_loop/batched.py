@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from reptile_gen.data.task_spec import TaskSpec
 from reptile_gen.inner_loop.core import RateSlots, sgd_step, step_weights
+from reptile_gen.inner_loop.core.losses import closed_form_loss
 from reptile_gen.models import SequenceModel
 from reptile_gen.models.bodies import (
     MLP,
@@ -562,55 +562,6 @@ def _compile(model: nn.Module, names: list[str]) -> BatchedModel | None:
     return BatchedModel(layers)
 
 
-# ------------------------------------------------------------------------------ losses
-def _mse_and_grad(pred, target):
-    diff = pred - target
-    squared = diff.pow(2)
-    # a mean over one output is the value itself (a view, not a reduction kernel)
-    elements = squared.squeeze(-1) if diff.shape[-1] == 1 else squared.mean(-1)
-    return elements, diff * (2.0 / diff.shape[-1])
-
-
-def _cross_entropy_and_grad(pred, target):
-    # what F.cross_entropy computes (nll of log_softmax); gradient softmax - one_hot
-    logp = torch.log_softmax(pred, -1)
-    index = target.long().unsqueeze(-1)
-    elements = -logp.gather(-1, index).squeeze(-1)
-    one_hot = torch.zeros_like(logp).scatter_(-1, index, 1.0)
-    return elements, logp.exp() - one_hot
-
-
-def _bce_and_grad(pred, target):
-    logits, target = pred.squeeze(-1), target.to(pred.dtype)
-    elements = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    return elements, (torch.sigmoid(logits) - target).unsqueeze(-1)
-
-
-_LOSS_AND_GRAD = {"real": _mse_and_grad, "classes": _cross_entropy_and_grad, "bits": _bce_and_grad}
-
-
-def closed_form_loss(loss_fn):
-    """``(pred, target) -> (elements, d element / d pred)`` in closed form if
-    ``loss_fn`` is a task's :meth:`TaskSpec.elementwise_loss` (directly, or through
-    ``MetaLearner.loss_fn``), else None (the gradient then comes from autograd).
-
-    A few ops instead of an ``autograd.grad`` call per inner step: on sine MAML this was
-    a third of the analytic path's time.
-    """
-    owner = getattr(loss_fn, "__self__", None)
-    func = getattr(loss_fn, "__func__", None)
-    spec = None
-    if isinstance(owner, TaskSpec) and func is TaskSpec.elementwise_loss:
-        spec = owner
-    elif getattr(func, "__qualname__", None) == "MetaLearner.loss_fn":
-        spec = getattr(owner, "task_spec", None)
-    if not isinstance(spec, TaskSpec) or type(spec).elementwise_loss is not (
-        TaskSpec.elementwise_loss
-    ):
-        return None
-    return _LOSS_AND_GRAD.get(spec.output_kind)
-
-
 # ------------------------------------------------------------------------------ runner
 class BatchedRunner:
     """Runs a stretch of inner steps for all tasks at once on ``[B, ...]`` parameters
@@ -705,7 +656,7 @@ class BatchedRunner:
             p = dict(zip(self.names, params))
             pred, saved = self.batched.forward(p, x, keep=True)
             if self.loss_grad is not None:
-                elements, g = self.loss_grad(pred, y)
+                elements, g = self.loss_grad.loss_and_grad(pred, y)
                 with torch.set_grad_enabled(second_order):
                     d = g * weights.unsqueeze(-1)
             else:  # any other loss: its gradient w.r.t. the prediction from autograd

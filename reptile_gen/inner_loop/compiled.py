@@ -54,22 +54,17 @@ import torch
 from torch import nn
 
 from reptile_gen.inner_loop.batched import (
-    _bce_and_grad,
-    _cross_entropy_and_grad,
-    _mse_and_grad,
     activation_second,
-    closed_form_loss,
     silu_derivative,
 )
 from reptile_gen.inner_loop.core import sgd_update_list
-from reptile_gen.inner_loop.second_order import _CURVATURE
+from reptile_gen.inner_loop.core.losses import closed_form_loss, loss_named
 
 __all__ = ["Plan", "plan", "run_compiled", "ACTIVATIONS"]
 
 #: the activation modules the compiled program covers
 ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.GELU, nn.SiLU)
 
-_LOSS_NAMES = {_mse_and_grad: "mse", _cross_entropy_and_grad: "cross_entropy", _bce_and_grad: "bce"}
 
 #: compiled programs per configuration (Dynamo recompiles per shape and dtype on its own)
 _PROGRAMS: dict = {}
@@ -144,7 +139,7 @@ def plan(model: nn.Module) -> Plan:
 def check_call(loss_fn, checkpoint_segments) -> str:
     """The loss's name in the compiled program; a ``ValueError`` for a loss or an option
     it does not cover."""
-    loss = _LOSS_NAMES.get(closed_form_loss(loss_fn))
+    loss = closed_form_loss(loss_fn)
     if loss is None:
         raise ValueError(
             "algorithm.compile=true: the task's loss has no closed form here; covered: the "
@@ -156,7 +151,7 @@ def check_call(loss_fn, checkpoint_segments) -> str:
             f"{checkpoint_segments!r}: the compiled few-shot meta-step keeps its whole "
             "unroll; allowed: checkpoint_segments=null"
         )
-    return loss
+    return loss.name
 
 
 # ------------------------------------------------------------------------------ pieces
@@ -295,9 +290,7 @@ def _make_programs(acts, loss, fixed, first_order, compile_):
     """The programs of one configuration (compiled unless ``compile_`` is False: the same
     code eagerly). ``fixed`` holds each parameter's inner rate: a float, or None for a
     learned rate (a tensor input of the programs, Meta-SGD)."""
-    loss_grad = {"mse": _mse_and_grad, "cross_entropy": _cross_entropy_and_grad,
-                 "bce": _bce_and_grad}[loss]  # fmt: skip
-    curvature = _CURVATURE[loss_grad]
+    loss_grad, curvature = loss_named(loss).loss_and_grad, loss_named(loss).curvature
     num_steps = len(first_order)
     num = 2 * (len(acts) + 1)
     learned = [i for i, f in enumerate(fixed) if f is None]

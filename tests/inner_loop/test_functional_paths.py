@@ -29,8 +29,8 @@ from torch import nn
 from reptile_gen.data.task_batch import TaskBatch
 from reptile_gen.data.task_spec import TaskSpec
 from reptile_gen.inner_loop import FunctionalEngine
-from reptile_gen.inner_loop.batched import closed_form_loss
-from reptile_gen.inner_loop.schedule import InnerSchedule
+from reptile_gen.inner_loop.core import InnerSchedule
+from reptile_gen.inner_loop.core.losses import closed_form_loss
 from reptile_gen.models import MLP, GatedMLP, LSTMBlockStack, Siren
 
 BITS = TaskSpec("discrete", "bits", input_sizes=(4, 3))
