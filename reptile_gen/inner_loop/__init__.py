@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from reptile_gen.inner_loop.base import InnerLoopEngine, InnerLoopResult, masked_mean
+from reptile_gen.inner_loop.core import (
+    GRAD_MODES,
+    LEARNED_LR_MODES,
+    InnerLoopEngine,
+    InnerLoopResult,
+    InnerLR,
+    InnerSchedule,
+    masked_mean,
+)
 from reptile_gen.inner_loop.functional import FunctionalEngine
-from reptile_gen.inner_loop.higher_engine import INNER_OPTIMIZERS, HigherEngine
+from reptile_gen.inner_loop.higher import INNER_OPTIMIZERS, HigherEngine
 from reptile_gen.inner_loop.lowrank import LOWRANK_LR_MODES, LowRankEngine
-from reptile_gen.inner_loop.schedule import GRAD_MODES, LEARNED_LR_MODES, InnerLR, InnerSchedule
 
 __all__ = [
     "ENGINES",

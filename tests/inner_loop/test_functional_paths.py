@@ -229,7 +229,7 @@ HAND_BODIES = {
 
 def _hand_calls(monkeypatch):
     """Counts of the hand-written backward passes taken (segment, query)."""
-    from reptile_gen.inner_loop import second_order
+    from reptile_gen.inner_loop.functional import second_order
 
     calls = {"segment": 0, "query": 0}
     for name, cls in (("segment", second_order.HandSegment), ("query", second_order.HandQuery)):

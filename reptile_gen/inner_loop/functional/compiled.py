@@ -53,14 +53,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from reptile_gen.inner_loop.batched import (
-    activation_second,
-    silu_derivative,
-)
 from reptile_gen.inner_loop.core import sgd_update_list
+from reptile_gen.inner_loop.core.activations import activation_second, silu_derivative
 from reptile_gen.inner_loop.core.losses import closed_form_loss, loss_named
 
-__all__ = ["Plan", "plan", "run_compiled", "ACTIVATIONS"]
+__all__ = ["ACTIVATIONS", "Plan", "built_programs", "clear_programs", "plan", "run_compiled"]
 
 #: the activation modules the compiled program covers
 ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.GELU, nn.SiLU)
@@ -445,6 +442,16 @@ class _Compiled:
             ) from error
         self.ok = True
         return out
+
+
+def built_programs() -> dict:
+    """The programs built so far, per configuration key (a copy)."""
+    return dict(_PROGRAMS)
+
+
+def clear_programs() -> None:
+    """Forget the built programs (the next call of a configuration compiles again)."""
+    _PROGRAMS.clear()
 
 
 def _programs(key):
