@@ -1,4 +1,4 @@
-"""The exact low-rank engine (``algorithm.inner_loop=lowrank``).
+"""The exact low-rank engine (``engine=lowrank``).
 
 One inner SGD step changes a linear layer's weight by ``-alpha * sum_i delta_i a_i^T``
 (``a_i``: the layer's input for element ``i`` of the step, ``delta_i``: the loss gradient
@@ -89,9 +89,9 @@ LOWRANK_LR_MODES = ("none", "scalar", "per_tensor")
 def _check_learned(value: str) -> None:
     if value not in LOWRANK_LR_MODES:
         raise ValueError(
-            f"algorithm.inner_lr_learned={value!r} with algorithm.inner_loop=lowrank: a "
+            f"algorithm.inner_lr_learned={value!r} with engine=lowrank: a "
             "per-parameter rate matrix does not factor out of the low-rank update; allowed: "
-            f"{', '.join(LOWRANK_LR_MODES)} (or algorithm.inner_loop=functional)"
+            f"{', '.join(LOWRANK_LR_MODES)} (or engine=functional)"
         )
 
 
@@ -123,13 +123,24 @@ class LowRankEngine(InnerLoopEngine):
         if chunk_size is not None and (
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         ):
-            raise ValueError(
-                f"algorithm.vmap_chunk_size={chunk_size!r}; allowed: null or an integer >= 1"
-            )
+            raise ValueError(f"engine.chunk_size={chunk_size!r}; allowed: null or an integer >= 1")
         _check_learned(inner_lr_learned)
         self.chunk_size = chunk_size
         self.checkpoint_segments = checkpoint_segments
         self.truncate_steps = truncate_steps
+
+    @classmethod
+    def from_options(cls, inner_optimizer, inner_optimizer_kwargs, options):
+        cls.refuse_compile(cls.name, options)
+        if inner_optimizer != "sgd" or inner_optimizer_kwargs:
+            raise ValueError(
+                f"engine.inner_optimizer={{name: {inner_optimizer}, {inner_optimizer_kwargs}}} "
+                "with engine=lowrank: the low-rank engine runs plain SGD "
+                "(inner_optimizer.name=sgd, no extra options); stateful inner optimizers "
+                "need engine=higher"
+            )
+        options = {k: v for k, v in options.items() if k != "compile"}
+        return cls(**options)
 
     def run(
         self,
@@ -286,9 +297,9 @@ class _Tape:
     def apply(self, i: int, site: _Site, x: torch.Tensor, out: torch.Tensor):
         if self.calls[i]:
             raise RuntimeError(
-                f"algorithm.inner_loop=lowrank: the layer of {site.name!r} ran twice in one "
+                f"engine=lowrank: the layer of {site.name!r} ran twice in one "
                 "forward pass; the low-rank form needs each nn.Linear/nn.Embedding to run "
-                "once (use algorithm.inner_loop=functional for this model)"
+                "once (use engine=functional for this model)"
             )
         self.calls[i] = 1
         if self.discover:

@@ -142,14 +142,14 @@ BAD = [
     (["algorithm.inner_lr=-0.1"], "algorithm.inner_lr=-0.1; must be a number > 0"),
     (["algorithm.inner_steps=0"], "algorithm.inner_steps=0; must be an integer > 0"),
     (["task.num_support=0"], "task.num_support=0; must be an integer >= 1"),
-    (["algorithm.inner_loop=jax"], "algorithm.inner_loop='jax'; allowed: functional, higher"),
+    (["algorithm.inner_loop=jax"], "engine='jax'; allowed: functional, higher"),
     (
         ["algorithm.inner_optimizer.name=adam"],
-        "needs algorithm.inner_loop=higher: the functional engine runs plain SGD",
+        "needs engine=higher: the functional engine runs plain SGD",
     ),
     (
         ["algorithm.inner_loop=higher", "algorithm.inner_optimizer.name=lbfgs"],
-        "algorithm.inner_optimizer.name='lbfgs'; allowed with algorithm.inner_loop=higher: sgd",
+        "engine.inner_optimizer.name='lbfgs'; allowed with engine=higher: sgd",
     ),
     (
         ["algorithm.inner_loop=higher", "algorithm.vmap_chunk_size=4"],

@@ -187,7 +187,7 @@ def test_what_the_programs_do_not_cover_is_a_clear_error():
         FunctionalEngine(compile="fast")
     with pytest.raises(ValueError, match="does not combine with path='vmap'"):
         FunctionalEngine(compile=True, path="vmap")
-    with pytest.raises(ValueError, match="compile=True with algorithm.inner_loop=lowrank"):
+    with pytest.raises(ValueError, match="compile=True with engine=lowrank"):
         make_engine("lowrank", compile=True)
     # the backward is written out, not differentiable
     for result in (run(model), run(model)):

@@ -296,8 +296,8 @@ BAD_CONFIGS = [
     ),
     (
         ["algorithm.inner_loop=higher", "algorithm.checkpoint_segments=auto"],
-        "algorithm.inner_loop=higher does not support algorithm.checkpoint_segments='auto' "
-        "(a functional-engine option; use algorithm.inner_loop=functional, or leave it null)",
+        "engine=higher does not support algorithm.checkpoint_segments='auto' "
+        "(a functional-engine option; use engine=functional, or leave it null)",
     ),
     (
         ["algorithm.checkpoint_segments=0"],
@@ -337,7 +337,7 @@ BAD_VALUES = [
 @pytest.mark.parametrize(("options", "message"), BAD_VALUES, ids=lambda v: repr(v)[:40])
 def test_invalid_values_name_the_value(engine, options, message):
     if engine == "higher" and "checkpoint_segments" in options:
-        message = "algorithm.inner_loop=higher does not support algorithm.checkpoint_segments"
+        message = "engine=higher does not support algorithm.checkpoint_segments"
     with pytest.raises(ValueError, match=re.escape(message)):
         make_engine(engine, **options)
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -283,12 +283,12 @@ def test_all_padding_task_is_a_no_op():
 
 
 # ------------------------------------------------------------------------- errors
-ALLOWED_RATES = "allowed: none, scalar, per_tensor (or algorithm.inner_loop=functional)"
+ALLOWED_RATES = "allowed: none, scalar, per_tensor (or engine=functional)"
 
 
 def test_per_parameter_rates_are_a_clear_error(make_cfg):
     message = (
-        "algorithm.inner_lr_learned='per_parameter' with algorithm.inner_loop=lowrank: a "
+        "algorithm.inner_lr_learned='per_parameter' with engine=lowrank: a "
         "per-parameter rate matrix does not factor out of the low-rank update; " + ALLOWED_RATES
     )
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -306,12 +306,12 @@ def test_per_parameter_rates_are_a_clear_error(make_cfg):
     [
         (
             ["algorithm.inner_optimizer.name=adam"],
-            "algorithm.inner_optimizer={name: adam, {}} with algorithm.inner_loop=lowrank: "
+            "engine.inner_optimizer={name: adam, {}} with engine=lowrank: "
             "the low-rank engine runs plain SGD",
         ),
         (["algorithm.checkpoint_segments=0"], "algorithm.checkpoint_segments=0; allowed:"),
         (["algorithm.truncate_steps=-1"], "algorithm.truncate_steps=-1; allowed:"),
-        (["algorithm.vmap_chunk_size=0"], "algorithm.vmap_chunk_size=0; allowed: null or"),
+        (["algorithm.vmap_chunk_size=0"], "engine.chunk_size=0; allowed: null or"),
     ],
     ids=lambda v: v[0] if isinstance(v, list) else "",
 )

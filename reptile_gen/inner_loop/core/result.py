@@ -99,6 +99,17 @@ class InnerLoopEngine:
         compile). An option this engine cannot do is a clear error, never ignored."""
         raise NotImplementedError
 
+    @staticmethod
+    def refuse_compile(name: str, options: dict) -> None:
+        """A clear error for ``engine.compile`` on an engine that has no compiled form."""
+        compile_ = options.get("compile", False)
+        if compile_ is not False:
+            raise ValueError(
+                f"engine.compile={compile_!r} with engine={name}: compiling the meta-step "
+                "is a functional-engine option; allowed: engine.compile=false, or "
+                "engine=functional"
+            )
+
     def run(
         self,
         model: nn.Module,

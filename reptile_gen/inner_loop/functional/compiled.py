@@ -1,4 +1,4 @@
-"""``algorithm.compile=true``: the few-shot MAML meta-step of an MLP as a compiled program.
+"""``engine.compile=true``: the few-shot MAML meta-step of an MLP as a compiled program.
 
 On small models (sine MAML: 1-40-40-1) the functional engine's hand-written passes
 (:mod:`.batched`, :mod:`.second_order`) are bound by eager per-op overhead: a few hundred
@@ -98,9 +98,9 @@ def plan(model: nn.Module) -> Plan:
 
     def refuse(what: str):
         return ValueError(
-            f"algorithm.compile=true: {what}; the compiled meta-step covers a continuous "
+            f"engine.compile=true: {what}; the compiled meta-step covers a continuous "
             "input, an MLP body (relu, tanh, gelu or silu) and a Linear head (model=mlp on "
-            "sine-like tasks); set algorithm.compile=false for this model"
+            "sine-like tasks); set engine.compile=false for this model"
         )
 
     if not isinstance(model, SequenceModel):
@@ -139,12 +139,12 @@ def check_call(loss_fn, checkpoint_segments) -> str:
     loss = closed_form_loss(loss_fn)
     if loss is None:
         raise ValueError(
-            "algorithm.compile=true: the task's loss has no closed form here; covered: the "
+            "engine.compile=true: the task's loss has no closed form here; covered: the "
             "squared error, cross entropy and Bernoulli losses of the built-in tasks"
         )
     if checkpoint_segments is not None:
         raise ValueError(
-            f"algorithm.compile=true with algorithm.checkpoint_segments="
+            f"engine.compile=true with algorithm.checkpoint_segments="
             f"{checkpoint_segments!r}: the compiled few-shot meta-step keeps its whole "
             "unroll; allowed: checkpoint_segments=null"
         )
@@ -434,9 +434,9 @@ class _Compiled:
             out = self.program(*args)
         except Exception as error:  # noqa: BLE001 - re-raised with what to do
             raise RuntimeError(
-                "algorithm.compile=true: torch.compile of the meta-step failed (on CPU, "
+                "engine.compile=true: torch.compile of the meta-step failed (on CPU, "
                 "Inductor builds C++ with the system compiler: it needs g++ and the Python "
-                "headers; on GPU, Triton); set algorithm.compile=eager (same program, op by "
+                "headers; on GPU, Triton); set engine.compile=eager (same program, op by "
                 "op) or false. Cause: "
                 f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
             ) from error
@@ -486,9 +486,9 @@ class _CompiledMAML(torch.autograd.Function):
     def backward(ctx, g_objective, g_query, g_steps, g_elements):
         if torch.is_grad_enabled():
             raise RuntimeError(
-                "algorithm.compile=true: the compiled meta-gradient is not differentiable "
+                "engine.compile=true: the compiled meta-gradient is not differentiable "
                 "(a backward with create_graph=True through it is not supported); set "
-                "algorithm.compile=false for higher-order gradients"
+                "engine.compile=false for higher-order gradients"
             )
         theta, rates, per_task = ctx.theta, ctx.rates, ctx.per_task
         inputs = [*theta, *rates]  # what the programs' gradients are for, in order

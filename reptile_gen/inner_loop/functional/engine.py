@@ -116,15 +116,27 @@ class FunctionalEngine(InnerLoopEngine):
         self.path = path
         self.hand_backward = hand_backward
         if compile not in (False, True, "eager"):
-            raise ValueError(f"algorithm.compile={compile!r}; allowed: false, true, eager")
+            raise ValueError(f"engine.compile={compile!r}; allowed: false, true, eager")
         if compile and (path not in ("auto", "analytic") or not hand_backward):
             raise ValueError(
-                f"algorithm.compile={compile} runs the hand-written reverse pass of the "
+                f"engine.compile={compile} runs the hand-written reverse pass of the "
                 f"analytic path; it does not combine with path={path!r}, "
                 f"hand_backward={hand_backward}"
             )
         self.compile = compile
         self.skip_idle_steps = skip_idle_steps
+
+    @classmethod
+    def from_options(cls, inner_optimizer, inner_optimizer_kwargs, options):
+        if inner_optimizer != "sgd" or inner_optimizer_kwargs:
+            raise ValueError(
+                f"engine.inner_optimizer={{name: {inner_optimizer}, {inner_optimizer_kwargs}}} "
+                "needs engine=higher: the functional engine runs plain SGD "
+                "(inner_optimizer.name=sgd, no extra options)"
+            )
+        options = dict(options)
+        options.pop("inner_lr_learned", None)  # every mode is supported
+        return cls(**options)
 
     def resolve_path(self, model: nn.Module, names: list[str] | None = None) -> tuple[str, object]:
         """``(path, compiled model or None)`` this engine runs ``model`` with."""

@@ -66,6 +66,29 @@ class HigherEngine(InnerLoopEngine):
         self.inner_optimizer_kwargs = dict(inner_optimizer_kwargs or {})
         self.truncate_steps = truncate_steps
 
+    @classmethod
+    def from_options(cls, inner_optimizer, inner_optimizer_kwargs, options):
+        cls.refuse_compile(cls.name, options)
+        if inner_optimizer not in INNER_OPTIMIZERS:
+            raise ValueError(
+                f"engine.inner_optimizer.name={inner_optimizer!r}; allowed with "
+                f"engine=higher: {', '.join(INNER_OPTIMIZERS)}"
+            )
+        options = {k: v for k, v in options.items() if k not in ("compile", "inner_lr_learned")}
+        truncate_steps = options.pop("truncate_steps", None)
+        unsupported = sorted(k for k, v in options.items() if v not in (None, 1))
+        if unsupported:
+            key = (
+                "engine.chunk_size"
+                if unsupported[0] == "chunk_size"
+                else (f"algorithm.{unsupported[0]}")
+            )
+            raise ValueError(
+                f"engine=higher does not support {key}={options[unsupported[0]]!r} (a "
+                "functional-engine option; use engine=functional, or leave it null)"
+            )
+        return cls(inner_optimizer, inner_optimizer_kwargs, truncate_steps=truncate_steps)
+
     def run(
         self,
         model: nn.Module,
