@@ -33,8 +33,8 @@ class Run(RunLoops):
         self.model = model
         self.loss_fn = loss_fn
         self.buffers = dict(model.named_buffers())
-        self.num_tasks = num_tasks = batch.num_tasks
-        self.support_len = support_len = batch.support_x.shape[1]
+        self.num_tasks = batch.num_tasks
+        self.support_len = batch.support_x.shape[1]
         named = list(model.named_parameters())
         self.param_names = [n for n, _ in named]
         params = dict(named)
@@ -48,12 +48,22 @@ class Run(RunLoops):
         ]
         first = next(iter(params.values()))
         self.dtype, self.device = first.dtype, first.device
+        self.graph = torch.is_grad_enabled() and grad_mode != "none"
+        self.grad_mode = grad_mode if self.graph else "none"
+        self._plan_steps(batch, schedule, grad_mode)
+        self._find_sites(params)
+        self._bind_parameters(params, lr)
+        # the hand-written no-graph step of plain MLP models (None: the general step)
+        self.fast = mlp_stepper(self) if self.sites else None
 
-        # the schedule, every step padded to the same element count (masked)
+    def _plan_steps(self, batch, schedule, grad_mode: str) -> None:
+        """The steps (every one padded to the same element count, masked), the padded
+        support set, the tasks still active at each step and the checkpoint segments."""
+        num_tasks, support_len = self.num_tasks, self.support_len
         slices = schedule.slices(support_len)
         records = first_visit(slices)
         num_steps = len(slices)
-        n_first_order = first_order_before(num_steps, grad_mode, engine.truncate_steps)
+        n_first_order = first_order_before(num_steps, grad_mode, self.engine.truncate_steps)
         self.width = width = max((e - s for s, e in slices), default=1) or 1
         self.steps = [
             Step(s, e - s, rec, i < n_first_order)
@@ -78,21 +88,19 @@ class Run(RunLoops):
                 self.live_steps = (last + 1).tolist()
         else:
             self.active = [num_tasks] * num_steps
-        self.graph = torch.is_grad_enabled() and grad_mode != "none"
-        self.grad_mode = grad_mode if self.graph else "none"
         self.segments = 1
         if self.grad_mode == "second_order":
-            self.segments = num_segments(engine.checkpoint_segments, max(num_steps, 1))
+            self.segments = num_segments(self.engine.checkpoint_segments, max(num_steps, 1))
 
-        # low-rank layers: those the model calls (once) on a support step
-        sites = candidate_sites(model)
-        self.sites = sites
-        self.site_names = [s.name for s in sites]
-        self.small_names = [n for n in self.param_names if n not in set(self.site_names)]
+    def _find_sites(self, params: dict) -> None:
+        """The low-rank layers: those the model calls (once) on a support step, with
+        their shapes read off one probing call."""
+        sites = candidate_sites(self.model)
         self.tape: Tape | None = None
-        if sites and num_steps:
-            x0 = self.sx[0, self.steps[0].start : self.steps[0].start + width]
+        if sites and self.num_steps:
+            x0 = self.sx[0, self.steps[0].start : self.steps[0].start + self.width]
             tape = Tape([[] for _ in sites], [0.0] * len(sites), discover=True)
+            self.sites = sites
             with torch.no_grad(), self.hooks():
                 self._call(tape, params, x0)
             for site, shapes in zip(sites, tape.shapes):
@@ -103,17 +111,17 @@ class Run(RunLoops):
                 site.out_width = out_shape[-1]
                 site.in_width = 0 if site.embedding else in_shape[-1]
                 site.rows = math.prod(in_shape) if site.embedding else math.prod(in_shape[:-1])
-            used = [s for s, shapes in zip(sites, tape.shapes) if shapes is not None]
-            if len(used) != len(sites):
-                self.sites = sites = used
-                self.site_names = [s.name for s in sites]
-                self.small_names = [n for n in self.param_names if n not in set(self.site_names)]
-        elif not num_steps:
-            self.sites = sites = []
-            self.site_names, self.small_names = [], list(self.param_names)
+            sites = [s for s, shapes in zip(sites, tape.shapes) if shapes is not None]
+        elif not self.num_steps:
+            sites = []
+        self.sites = sites
+        self.site_names = [s.name for s in sites]
+        self.small_names = [n for n in self.param_names if n not in set(self.site_names)]
 
-        # learned rates become explicit inputs (the checkpointed loop returns their
-        # gradients); fixed ones stay floats
+    def _bind_parameters(self, params: dict, lr) -> None:
+        """The shared initial weights of the sites, the per-task small parameters and
+        the rates: learned ones become explicit inputs (the checkpointed loop returns
+        their gradients), fixed ones stay floats."""
         rates = lr.rates_by_name()
         if not self.graph:
             rates = {k: (r.detach() if torch.is_tensor(r) else r) for k, r in rates.items()}
@@ -125,9 +133,7 @@ class Run(RunLoops):
             weights = [w.detach() for w in weights]
             small = [p.detach() for p in small]
         self.env = Env(weights, self.rate_tensors, self)
-        self.small0 = [p.expand(num_tasks, *p.shape) for p in small]
-        # the hand-written no-graph step of plain MLP models (None: the general step)
-        self.fast = mlp_stepper(self) if self.sites else None
+        self.small0 = [p.expand(self.num_tasks, *p.shape) for p in small]
 
     # ------------------------------------------------------------------ helpers
     def rate(self, name: str, rate_tensors):
