@@ -46,7 +46,6 @@ builds C++ with the system compiler); ``make bench`` reports that time separatel
 
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass
 
@@ -54,8 +53,8 @@ import torch
 from torch import nn
 
 from reptile_gen.inner_loop.core import sgd_update_list
-from reptile_gen.inner_loop.core.activations import activation_second, silu_derivative
 from reptile_gen.inner_loop.core.losses import closed_form_loss, loss_named
+from reptile_gen.inner_loop.functional import compiled_ops as ops
 
 __all__ = ["ACTIVATIONS", "Plan", "built_programs", "clear_programs", "plan", "run_compiled"]
 
@@ -151,137 +150,6 @@ def check_call(loss_fn, checkpoint_segments) -> str:
     return loss.name
 
 
-# ------------------------------------------------------------------------------ pieces
-def _act(kind: type, z: torch.Tensor) -> torch.Tensor:
-    if kind is nn.ReLU:
-        return torch.relu(z)
-    if kind is nn.Tanh:
-        return torch.tanh(z)
-    if kind is nn.GELU:
-        return torch.nn.functional.gelu(z)
-    return torch.nn.functional.silu(z)
-
-
-def _act_d1(kind: type, z: torch.Tensor) -> torch.Tensor:
-    """The activation's derivative at ``z``."""
-    if kind is nn.ReLU:
-        return (z > 0).to(z.dtype)
-    if kind is nn.Tanh:
-        t = torch.tanh(z)
-        return 1 - t * t
-    if kind is nn.GELU:  # Phi(z) + z phi(z)
-        phi = torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
-        return 0.5 * (1 + torch.erf(z * (1 / math.sqrt(2)))) + z * phi
-    return silu_derivative(z)
-
-
-def _act_d2(kind: type, z: torch.Tensor) -> torch.Tensor | None:
-    """The activation's second derivative at ``z`` (None: zero, ReLU)."""
-    if kind is nn.ReLU:
-        return None
-    return activation_second(kind, torch.tanh(z) if kind is nn.Tanh else z)
-
-
-def _linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """``h @ w.T + b`` per task: ``h`` is ``[B, N, in]``, ``w`` ``[out, in]`` (shared by the
-    tasks) or ``[B, out, in]``, ``b`` ``[out]`` or ``[B, out]``. A width-1 side is a
-    broadcast product (fused with the rest), a shared weight one ``mm`` for all tasks."""
-    if w.shape[-1] == 1:  # one input
-        out = h * w.transpose(-1, -2).unsqueeze(0) if w.dim() == 2 else h * w.transpose(1, 2)
-    elif w.shape[-2] == 1:  # one output
-        out = (h * (w.unsqueeze(0) if w.dim() == 2 else w)).sum(-1, keepdim=True)
-    elif w.dim() == 2:
-        out = torch.matmul(h, w.t())
-    else:
-        return (
-            torch.bmm(h, w.transpose(1, 2))
-            if b is None
-            else torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
-        )
-    if b is None:
-        return out
-    return out + (b if b.dim() == 1 else b.unsqueeze(1))
-
-
-def _back(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``d @ w`` per task (the input gradient of a layer with weight ``w``)."""
-    if w.shape[-2] == 1:  # one output
-        return d * (w.unsqueeze(0) if w.dim() == 2 else w)
-    if w.shape[-1] == 1:  # one input
-        wt = w.transpose(-1, -2)
-        return (d * (wt.unsqueeze(0) if w.dim() == 2 else wt)).sum(-1, keepdim=True)
-    return torch.matmul(d, w) if w.dim() == 2 else torch.bmm(d, w)
-
-
-def _outer(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """``d[b].T @ h[b]`` (``[B, out, in]``: a weight gradient)."""
-    if d.shape[-1] == 1 or h.shape[-1] == 1:
-        return (d.unsqueeze(-1) * h.unsqueeze(-2)).sum(1)
-    return torch.bmm(d.transpose(1, 2), h)
-
-
-def _forward(params, x, acts):
-    """Prediction, each layer's input and each hidden layer's pre-activation."""
-    inputs, pre = [x], []
-    h = x
-    last = len(acts)
-    for i in range(last + 1):
-        z = _linear(h, params[2 * i], params[2 * i + 1])
-        if i == last:
-            return z, inputs, pre
-        pre.append(z)
-        h = _act(acts[i], z)
-        inputs.append(h)
-    raise AssertionError("unreachable")
-
-
-def _backward(params, acts, d, inputs, pre):
-    """Parameter gradients per task for output gradient ``d``; also each layer's output
-    gradient (``deltas``) and the input gradient of each layer above the first before
-    the activation's derivative (``back``: the R-pass's second-derivative term)."""
-    n = len(acts) + 1
-    grads: list = [None] * (2 * n)
-    deltas: list = [None] * n
-    back: list = [None] * n
-    for i in reversed(range(n)):
-        deltas[i] = d
-        grads[2 * i] = _outer(d, inputs[i])
-        grads[2 * i + 1] = d.sum(1)
-        if i > 0:
-            e = _back(d, params[2 * i])
-            back[i] = e
-            d = e * _act_d1(acts[i - 1], pre[i - 1])
-    return grads, deltas, back
-
-
-def _rpass(params, acts, v, inputs, pre, deltas, back, rd_of):
-    """``H v + B(seed)`` per parameter: the tangent forward pass of ``v`` gives R{pred},
-    ``rd_of(R{pred})`` the output seed (curvature term plus the first-order seed), then
-    the tangent of the backward pass."""
-    n = len(acts) + 1
-    rpre: list = []  # R{pre-activation} of each hidden layer
-    rin: list = [None]  # R{input} of each layer
-    rz = _linear(inputs[0], v[0], v[1])
-    for i in range(1, n):
-        rpre.append(rz)
-        rin.append(rz * _act_d1(acts[i - 1], pre[i - 1]))
-        rz = _linear(inputs[i], v[2 * i], v[2 * i + 1]) + _linear(rin[i], params[2 * i])
-    rd = rd_of(rz)
-    out: list = [None] * (2 * n)
-    for i in reversed(range(n)):
-        out[2 * i + 1] = rd.sum(1)
-        out[2 * i] = _outer(rd, inputs[i])
-        if i == 0:
-            break
-        out[2 * i] = out[2 * i] + _outer(deltas[i], rin[i])
-        z = pre[i - 1]
-        rd = (_back(rd, params[2 * i]) + _back(deltas[i], v[2 * i])) * _act_d1(acts[i - 1], z)
-        d2 = _act_d2(acts[i - 1], z)
-        if d2 is not None:
-            rd = rd + back[i] * d2 * rpre[i - 1]
-    return out
-
-
 # ------------------------------------------------------------------------------ programs
 def _make_programs(acts, loss, fixed, first_order, compile_):
     """The programs of one configuration (compiled unless ``compile_`` is False: the same
@@ -307,16 +175,16 @@ def _make_programs(acts, loss, fixed, first_order, compile_):
         step_losses, saved = [], []
         element_losses = None
         for k in range(num_steps):
-            pred, inputs, pre = _forward(params, sx, acts)
+            pred, inputs, pre = ops.forward(params, sx, acts)
             elements, g = loss_grad(pred, sy)
             step_losses.append((elements * weights).sum(1))
             if k == 0:
                 element_losses = elements * mask
-            grads, deltas, back = _backward(params, acts, g * weights.unsqueeze(-1), inputs, pre)
+            grads, deltas, back = ops.backward(params, acts, g * weights.unsqueeze(-1), inputs, pre)
             saved += [*params, *inputs, *pre, *deltas, *back[1:], pred, g]
             saved += [grads[i] for i in learned]  # the learned rates' gradients need them
             params = sgd_update_list(params, grads, r)
-        pred, inputs, pre = _forward(params, qx, acts)
+        pred, inputs, pre = ops.forward(params, qx, acts)
         elements, g = loss_grad(pred, qy)
         saved += [*params, *inputs, *pre, g, weights, mask]
         return elements.mean(1, keepdim=True), torch.stack(step_losses, 1), element_losses, saved
@@ -356,7 +224,7 @@ def _make_programs(acts, loss, fixed, first_order, compile_):
         pre = saved[at : at + n_layers - 1]
         g, weights, mask = saved[at + n_layers - 1 :]
         d = g * (g_query / g.shape[1]).view(-1, 1, 1)
-        theta_bar, _, _ = _backward(params, acts, d, inputs, pre)
+        theta_bar, _, _ = ops.backward(params, acts, d, inputs, pre)
         rate_bar: list = [None] * len(learned)
         for k in reversed(range(num_steps)):
             params, inputs, pre, deltas, back, pred, g, grads = steps[k]
@@ -375,7 +243,7 @@ def _make_programs(acts, loss, fixed, first_order, compile_):
             if first_order[k]:
                 if seed is None:
                     continue
-                extra, _, _ = _backward(params, acts, seed, inputs, pre)
+                extra, _, _ = ops.backward(params, acts, seed, inputs, pre)
             else:
                 # -r H theta_bar + B(seed): the R-pass is linear in (v, seed)
                 v = [-(rate * t) for rate, t in zip(r, theta_bar)]
@@ -384,7 +252,7 @@ def _make_programs(acts, loss, fixed, first_order, compile_):
                 def rd_of(rp, pred=pred, seed=zero):
                     return curvature(pred, sy, rp, weights, seed)
 
-                extra = _rpass(params, acts, v, inputs, pre, deltas, back, rd_of)
+                extra = ops.rpass(params, acts, v, inputs, pre, deltas, back, rd_of)
             theta_bar = [t + e for t, e in zip(theta_bar, extra)]
         return theta_bar + rate_bar
 
