@@ -103,22 +103,6 @@ def test_analytic_path_with_learned_rates(learned):
     _check(FunctionalEngine(path="analytic"), model, batch, lr, CONTINUOUS, ("query",))
 
 
-@pytest.mark.parametrize("spec", [CLASSES, BITS], ids=["classes", "bits"])
-@pytest.mark.parametrize("body", ["mlp_relu", "lstm_block_input_ln"])
-def test_discrete_tasks_cross_entropy_and_bits(spec, body):
-    """Embeddings (one table per coordinate, batched gather / scatter_add) and the
-    closed-form cross-entropy and binary cross-entropy gradients."""
-    model = make_model(spec, body=BODIES[body][0])
-    batch = make_batch(spec, num_tasks=3, support=5, query=None, lengths=[5, 2, 4])
-    if spec is BITS:  # two coordinates per element (as MNIST's row and column)
-        g = torch.Generator().manual_seed(5)
-        x = torch.stack([torch.randint(0, n, (3, 5), generator=g) for n in BITS.input_sizes], -1)
-        y = torch.randint(0, 2, (3, 5), generator=g).double()
-        batch = TaskBatch(x, y, batch.support_mask)
-    lr = make_lr(model, "scalar")
-    _check(FunctionalEngine(), model, batch, lr, spec, ("online",))
-
-
 def test_closed_form_losses_match_autograd():
     g = torch.Generator().manual_seed(0)
     for spec, target in (
