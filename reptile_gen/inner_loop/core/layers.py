@@ -79,7 +79,7 @@ class Layer:
 
     analytic = False
     #: has the R-operators (``tangent``, ``rbackward``) of the hand-written second-order
-    #: reverse pass (:mod:`.second_order`)
+    #: reverse pass (:mod:`reptile_gen.inner_loop.functional.second_order`)
     rop = False
     params: tuple[str, ...] = ()
 

@@ -1,7 +1,7 @@
 """``engine.compile=true``: the few-shot MAML meta-step of an MLP as a compiled program.
 
 On small models (sine MAML: 1-40-40-1) the functional engine's hand-written passes
-(:mod:`.batched`, :mod:`.second_order`) are bound by eager per-op overhead: a few hundred
+(:mod:`.runner`, :mod:`.second_order`) are bound by eager per-op overhead: a few hundred
 small ops per meta-step, each dispatched on its own. ``torch.compile`` cannot help the
 autograd form (it has no double backward), but with the reverse pass written out the whole
 meta-gradient is a *forward* program: ordinary tensor ops, no autograd inside. Here it is

@@ -1,7 +1,7 @@
 """The default engine: pure functions of per-task parameters, batched over the tasks.
 
 How the tasks are batched is the engine's ``path`` (default ``auto``: the fastest that
-covers the model; all give the same numbers, see :mod:`.batched`):
+covers the model; all give the same numbers, see :mod:`.runner`):
 
 * ``analytic``: ``[B, ...]`` parameters, hand-batched forward and hand-written inner
   gradient (no double backward); chosen for models made of ``Linear``, elementwise

@@ -45,7 +45,7 @@ __all__ = ["BatchedRunner"]
 
 class BatchedRunner:
     """Runs a stretch of inner steps for all tasks at once on ``[B, ...]`` parameters
-    (same interface as the generic ``vmap`` runner of :mod:`.functional`).
+    (same interface as the generic ``vmap`` runner of :mod:`.segments`).
 
     Args:
         model: the ``nn.Module`` (its parameters are replaced by the batched ones).
