@@ -1,16 +1,12 @@
-"""The checkpointed low-rank loop: segments recomputed in backward."""
+"""The checkpointed low-rank loop: segments recomputed in backward (``run``: the
+:class:`~reptile_gen.inner_loop.lowrank.run.Run` being differentiated)."""
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 
 from reptile_gen.inner_loop.lowrank.sites import fold, folds
 from reptile_gen.inner_loop.lowrank.state import Env, Step
-
-if TYPE_CHECKING:
-    from reptile_gen.inner_loop.lowrank.run import Run
 
 __all__ = ["CheckpointedLoop", "Outputs"]
 
@@ -24,13 +20,13 @@ class Outputs:
         self.elements: list[torch.Tensor] = []
         self.queries: list[torch.Tensor] = []
 
-    def add(self, run: Run, step: Step, elements: torch.Tensor) -> None:
+    def add(self, run, step: Step, elements: torch.Tensor) -> None:
         _, _, m = run.step_data(step)
         count = m.sum(1).clamp(min=1).to(elements.dtype)
         self.step_losses.append(elements.sum(1) / count)
         self.elements.append(elements)
 
-    def stacked(self, run: Run):
+    def stacked(self, run):
         b = run.num_tasks
         zeros = torch.zeros(b, 0, dtype=run.dtype, device=run.device)
         steps = torch.stack(self.step_losses, 1) if self.step_losses else zeros
@@ -61,7 +57,7 @@ class CheckpointedLoop(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, run: Run, bounds: list[int], track: bool, *tensors):
+    def forward(ctx, run, bounds: list[int], track: bool, *tensors):
         nw, ns = len(run.sites), len(run.small_names)
         weights, small0, rates = tensors[:nw], tensors[nw : nw + ns], tensors[nw + ns :]
         # no graph in forward: detached inputs (backward recomputes with the real ones)
@@ -83,7 +79,7 @@ class CheckpointedLoop(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_steps, g_elements, g_queries, *g_rest):
-        run: Run = ctx.run
+        run = ctx.run
         nw, ns = len(run.sites), len(run.small_names)
         saved = ctx.saved_tensors
         nt = len(saved) - 2 * nw
