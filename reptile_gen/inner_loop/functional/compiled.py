@@ -53,7 +53,9 @@ import torch
 from torch import nn
 
 from reptile_gen.inner_loop.core import sgd_update_list
+from reptile_gen.inner_loop.core.layers import Activation, Linear
 from reptile_gen.inner_loop.core.losses import closed_form_loss, loss_named
+from reptile_gen.inner_loop.core.model_plan import compile_model
 from reptile_gen.inner_loop.functional import compiled_ops as ops
 
 __all__ = ["ACTIVATIONS", "Plan", "built_programs", "clear_programs", "plan", "run_compiled"]
@@ -69,24 +71,25 @@ _PROGRAMS: dict = {}
 # ------------------------------------------------------------------------------ the plan
 @dataclass(frozen=True)
 class Plan:
-    """What the compiled program of one model runs: its ``Linear`` layers in order, their
-    parameters' names (weight, bias per layer) and each hidden layer's activation."""
+    """What the compiled program of one model runs: the names of its ``Linear`` layers'
+    parameters in order (weight, bias per layer) and each hidden layer's activation."""
 
-    layers: tuple[nn.Linear, ...]
     names: tuple[str, ...]
     activations: tuple[type, ...]
 
-    def parameters(self) -> list[torch.Tensor]:
+    def parameters(self, model: nn.Module) -> list[torch.Tensor]:
         """weight, bias of each layer (read at call time: a replaced tensor is seen)."""
-        return [p for layer in self.layers for p in (layer.weight, layer.bias)]
+        return [model.get_parameter(name) for name in self.names]
 
 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def plan(model: nn.Module) -> Plan:
-    """The :class:`Plan` of ``model``, or a ``ValueError`` saying what is not covered.
-    Cached per model and rebuilt when a submodule is replaced (its layers are held)."""
+    """The :class:`Plan` of ``model`` (read off its batched form,
+    :func:`~reptile_gen.inner_loop.core.model_plan.compile_model`), or a ``ValueError``
+    saying what is not covered. Cached per model and rebuilt when a submodule is
+    replaced."""
     key = tuple(map(id, model.modules()))
     cached = _PLANS.get(model)
     if cached is not None and cached[0] == key:
@@ -110,24 +113,28 @@ def plan(model: nn.Module) -> Plan:
         raise refuse(f"the body is a {type(model.body).__name__}")
     if type(model.head) is not nn.Linear or model.head.bias is None:
         raise refuse(f"the head is a {type(model.head).__name__}")
-    linears, activations = [], []
     for module in model.body.net:
-        if type(module) is nn.Linear and module.bias is not None:
-            linears.append(module)
-        elif type(module) in ACTIVATIONS and len(activations) < len(linears):
-            if isinstance(module, nn.GELU) and module.approximate != "none":
-                raise refuse("a tanh-approximated GELU")
-            activations.append(type(module))
-        else:
+        if type(module) is not nn.Linear and type(module) not in ACTIVATIONS:
             raise refuse(f"the body holds a {type(module).__name__}")
-    if len(activations) != len(linears):
-        raise refuse("a hidden Linear layer without an activation after it")
-    linears.append(model.head)
-    ids = {id(p): n for n, p in model.named_parameters()}
-    names = tuple(ids[id(p)] for layer in linears for p in (layer.weight, layer.bias))
-    if len(names) != len(ids):
+    batched = compile_model(model, [n for n, _ in model.named_parameters()])
+    if batched is None:
         raise refuse("the model holds parameters outside its Linear layers")
-    result = Plan(tuple(linears), names, tuple(activations))
+    names, activations, linears = [], [], 0
+    for layer in batched.layers[1:]:  # after the continuous encoder (an identity)
+        if isinstance(layer, Linear) and layer.b is not None:
+            names += [layer.w, layer.b]
+            linears += 1
+        elif isinstance(layer, Activation) and len(activations) < linears:
+            if layer.kind is nn.GELU and layer.module.approximate != "none":
+                raise refuse("a tanh-approximated GELU")
+            activations.append(layer.kind)
+        else:
+            raise refuse(
+                f"the body holds a {'Linear without bias' if isinstance(layer, Linear) else layer.kind.__name__}"
+            )
+    if len(activations) != linears - 1:
+        raise refuse("a hidden Linear layer without an activation after it")
+    result = Plan(tuple(names), tuple(activations))
     _PLANS[model] = (key, result)
     return result
 
@@ -417,7 +424,7 @@ def run_compiled(model, plan_, loss, rates, batch, first_order, compile_=True):
             slots.append(found)
     key = (plan_.activations, loss, fixed, tuple(first_order), bool(compile_))
     data = (batch.support_x, batch.support_y, batch.support_mask, batch.query_x, batch.query_y)
-    theta = plan_.parameters()
+    theta = plan_.parameters(model)
     return _CompiledMAML.apply(
         _programs(key), data, tuple(slots), len(theta), *theta, *rate_tensors
     )
