@@ -52,7 +52,7 @@ ENGINE_OVERRIDE = "engine={engine}"
 #: engines that are another engine with options: ``{name: (engine, extra overrides)}``
 ENGINE_VARIANTS = {
     # the functional engine's meta-training step as a torch.compile-d program
-    # (reptile_gen.inner_loop.compiled); its first step's compile time is reported apart
+    # (reptile_gen.inner_loop.functional.compiled); its first step's compile time is reported apart
     "functional_compiled": ("functional", ("engine.compile=true",)),
 }
 

@@ -12,7 +12,7 @@ from torch import nn
 from reptile_gen.data.task_batch import TaskBatch
 from reptile_gen.data.task_spec import TaskSpec
 from reptile_gen.inner_loop import InnerLR, InnerSchedule, make_engine
-from reptile_gen.inner_loop.base import first_visit
+from reptile_gen.inner_loop.core import first_visit
 from reptile_gen.models import MLP, build_model
 
 DTYPE = torch.float64

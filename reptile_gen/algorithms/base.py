@@ -16,6 +16,7 @@ from torch import nn
 from reptile_gen.data.task_batch import TaskBatch
 from reptile_gen.data.task_spec import TaskSpec
 from reptile_gen.inner_loop import InnerLoopEngine, InnerLR, InnerSchedule, make_engine
+from reptile_gen.inner_loop.core.losses import loss_kind
 from reptile_gen.utils.stats import mean_and_ci95
 from reptile_gen.utils.step_logs import RunningMeans, is_logging_step
 
@@ -48,7 +49,7 @@ class MetaLearner(pl.LightningModule):
             takes ``chunk_size`` (tasks per ``vmap`` chunk) and ``compile`` (``true``
             compiles the few-shot meta-training step of an MLP with ``torch.compile``,
             MAML and first-order MAML; ``eager`` runs the same program op by op: see
-            :mod:`reptile_gen.inner_loop.compiled`); lowrank takes ``chunk_size``; higher
+            :mod:`reptile_gen.inner_loop.functional.compiled`); lowrank takes ``chunk_size``; higher
             takes ``inner_optimizer`` (``{name: sgd|adam|..., **kwargs}``). Default:
             ``{name: functional}``.
         inner_lr: each task's inner step size (never scaled by the meta-batch size).
@@ -193,6 +194,14 @@ class MetaLearner(pl.LightningModule):
     # ------------------------------------------------------------------ inner loop
     def loss_fn(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.task_spec.elementwise_loss(pred, target)
+
+    @property
+    def loss_kind(self) -> str | None:
+        """The output kind whose loss :meth:`loss_fn` is (the engines then take its
+        closed form), None where a subclass replaces the loss."""
+        if type(self).loss_fn is not MetaLearner.loss_fn:
+            return None
+        return loss_kind(self.task_spec.elementwise_loss)
 
     def adapt(
         self,

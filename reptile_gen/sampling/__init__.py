@@ -13,7 +13,7 @@ Conditioning is the same loop with some elements given instead of drawn: a text 
 * :mod:`~reptile_gen.sampling.checks`: what can be sampled, :class:`SamplingError`.
 
 Only plain SGD inner loops are replayed: a checkpoint trained with another inner
-optimizer (``algorithm.inner_loop=higher`` with Adam, momentum, ...) is a clear error.
+optimizer (``engine=higher`` with Adam, momentum, ...) is a clear error.
 Files (sample grids, ``samples.txt``) are written by :mod:`reptile_gen.reports`.
 """
 

@@ -147,11 +147,11 @@ BAD = [
     (["task.num_support=0"], "task.num_support=0; must be an integer >= 1"),
     (
         ["+engine.inner_optimizer.name=adam"],
-        "inner_optimizer.*the functional engine runs plain SGD",
+        "needs engine=higher: the functional engine runs plain SGD",
     ),
     (
         ["engine=higher", "engine.inner_optimizer.name=lbfgs"],
-        "inner_optimizer.name='lbfgs'; allowed",
+        "engine.inner_optimizer.name='lbfgs'; allowed with engine=higher: sgd",
     ),
     (["engine=higher", "+engine.chunk_size=4"], "higher does not support .*chunk_size=4"),
     (["+engine.grad=fast"], "engine.grad='fast': not an engine option; allowed: engine.chunk_size"),

@@ -27,7 +27,7 @@ from helpers import (
 
 from reptile_gen.data.task_spec import TaskSpec
 from reptile_gen.inner_loop import FunctionalEngine, InnerSchedule, make_engine
-from reptile_gen.inner_loop import compiled as compiled_module
+from reptile_gen.inner_loop.functional import compiled as compiled_module
 from reptile_gen.models import MLP, GatedMLP
 
 SPECS = {
@@ -143,7 +143,7 @@ def test_compiled_programs_match_the_eager_engine():
                      CONTINUOUS, adjoints)  # fmt: skip
         b = _outputs(FunctionalEngine(), model, batch, lr, 2, "second_order", CONTINUOUS, adjoints)
         assert_all_close(a[0] + list(a[1]), b[0] + list(b[1]), what=which)
-    built = [p for key, ps in compiled_module._PROGRAMS.items() if key[-1] for p in ps[:2]]
+    built = [p for key, ps in compiled_module.built_programs().items() if key[-1] for p in ps[:2]]
     assert built and all(p.ok for p in built)  # compiled and ran, no fallback
 
 
@@ -187,7 +187,7 @@ def test_what_the_programs_do_not_cover_is_a_clear_error():
         FunctionalEngine(compile="fast")
     with pytest.raises(ValueError, match="does not combine with path='vmap'"):
         FunctionalEngine(compile=True, path="vmap")
-    with pytest.raises(ValueError, match="compile=True with algorithm.inner_loop=lowrank"):
+    with pytest.raises(ValueError, match="compile=True with engine=lowrank"):
         make_engine("lowrank", compile=True)
     # the backward is written out, not differentiable
     for result in (run(model), run(model)):
@@ -203,7 +203,7 @@ def test_a_failed_compile_is_a_clear_error(monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("g++: command not found")
 
-    monkeypatch.setattr(compiled_module, "_PROGRAMS", {})
+    compiled_module.clear_programs()
     monkeypatch.setattr(compiled_module.torch, "compile", lambda fn, **kw: broken)
     model = make_model()
     with pytest.raises(RuntimeError, match=r"needs g\+\+.*compile=eager.*OSError: g\+\+: command"):

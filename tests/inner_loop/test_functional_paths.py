@@ -29,8 +29,8 @@ from torch import nn
 from reptile_gen.data.task_batch import TaskBatch
 from reptile_gen.data.task_spec import TaskSpec
 from reptile_gen.inner_loop import FunctionalEngine
-from reptile_gen.inner_loop.batched import closed_form_loss
-from reptile_gen.inner_loop.schedule import InnerSchedule
+from reptile_gen.inner_loop.core import InnerSchedule
+from reptile_gen.inner_loop.core.losses import closed_form_loss
 from reptile_gen.models import MLP, GatedMLP, LSTMBlockStack, Siren
 
 BITS = TaskSpec("discrete", "bits", input_sizes=(4, 3))
@@ -101,22 +101,6 @@ def test_analytic_path_with_learned_rates(learned):
     batch = make_batch(lengths=PADDED_LENGTHS)
     lr = make_lr(model, learned)
     _check(FunctionalEngine(path="analytic"), model, batch, lr, CONTINUOUS, ("query",))
-
-
-@pytest.mark.parametrize("spec", [CLASSES, BITS], ids=["classes", "bits"])
-@pytest.mark.parametrize("body", ["mlp_relu", "lstm_block_input_ln"])
-def test_discrete_tasks_cross_entropy_and_bits(spec, body):
-    """Embeddings (one table per coordinate, batched gather / scatter_add) and the
-    closed-form cross-entropy and binary cross-entropy gradients."""
-    model = make_model(spec, body=BODIES[body][0])
-    batch = make_batch(spec, num_tasks=3, support=5, query=None, lengths=[5, 2, 4])
-    if spec is BITS:  # two coordinates per element (as MNIST's row and column)
-        g = torch.Generator().manual_seed(5)
-        x = torch.stack([torch.randint(0, n, (3, 5), generator=g) for n in BITS.input_sizes], -1)
-        y = torch.randint(0, 2, (3, 5), generator=g).double()
-        batch = TaskBatch(x, y, batch.support_mask)
-    lr = make_lr(model, "scalar")
-    _check(FunctionalEngine(), model, batch, lr, spec, ("online",))
 
 
 def test_closed_form_losses_match_autograd():
@@ -229,7 +213,7 @@ HAND_BODIES = {
 
 def _hand_calls(monkeypatch):
     """Counts of the hand-written backward passes taken (segment, query)."""
-    from reptile_gen.inner_loop import second_order
+    from reptile_gen.inner_loop.functional import second_order
 
     calls = {"segment": 0, "query": 0}
     for name, cls in (("segment", second_order.HandSegment), ("query", second_order.HandQuery)):
@@ -355,12 +339,10 @@ def test_hand_backward_coverage_and_double_backward_error(monkeypatch):
         torch.autograd.grad(loss, [model.head.weight], create_graph=True)
 
 
-def test_trailing_padding_steps_are_skipped_exactly(monkeypatch):
+def test_trailing_padding_steps_are_skipped_exactly():
     """Steps past the longest sequence of a batch see only padding: the engine skips
     them, with the same losses (zeros for the skipped steps), element losses and
     meta-gradients as running them, truncation and checkpointing included."""
-    from reptile_gen.inner_loop import functional
-
     model = make_model(body=HAND_BODIES["mlp_tanh"])
     batch = make_batch(num_tasks=3, support=5, query=4, lengths=[5, 3, 4])
     pad = torch.zeros(3, 4, dtype=batch.support_x.dtype)
@@ -376,12 +358,7 @@ def test_trailing_padding_steps_are_skipped_exactly(monkeypatch):
         batch.query_y,
     )
     lr = make_lr(model, "per_tensor")
-    engines = (
-        FunctionalEngine(),
-        FunctionalEngine(truncate_steps=5),
-        FunctionalEngine(checkpoint_segments=2),
-        FunctionalEngine(path="vmap_grad"),
-    )
+    options = ({}, {"truncate_steps": 5}, {"checkpoint_segments": 2}, {"path": "vmap_grad"})
     kw = {"track_query": True, "return_adapted": True}
 
     def everything(engine):
@@ -396,11 +373,9 @@ def test_trailing_padding_steps_are_skipped_exactly(monkeypatch):
         ]
         return plain, grads
 
-    for engine in engines:
-        skipped = everything(engine)
-        with monkeypatch.context() as m:
-            m.setattr(functional, "_steps_with_data", lambda slices, mask: len(slices))
-            full = everything(engine)
+    for option in options:
+        skipped = everything(FunctionalEngine(**option))
+        full = everything(FunctionalEngine(**option, skip_idle_steps=False))
         _close(skipped[0], full[0], "no graph", rtol=1e-12, atol=1e-14)
         assert skipped[0].step_losses.shape == (3, 9)
         assert not skipped[0].step_losses[:, 5:].any()

@@ -33,9 +33,9 @@ from torch.func import functional_call
 
 from reptile_gen.algorithms import MAML
 from reptile_gen.inner_loop import InnerSchedule, make_engine
-from reptile_gen.inner_loop import functional as functional_module
-from reptile_gen.inner_loop.base import first_visit
+from reptile_gen.inner_loop.core import first_visit
 from reptile_gen.inner_loop.functional import FunctionalEngine, num_segments
+from reptile_gen.inner_loop.functional import segments as segments_module
 from reptile_gen.utils.instantiate import build_run
 
 #: (objective, schedule, batch): 12 online steps on padded sequences (tasks end after 12,
@@ -68,13 +68,13 @@ def _grads(engine, name, learned="none", grad_mode="second_order"):
 def count_segments(monkeypatch):
     """The number of checkpointed segments run since the fixture was made."""
     calls = []
-    original = functional_module._CheckpointedSegment.apply
+    original = segments_module.CheckpointedSegment.apply
 
     def counting(*args):
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setattr(functional_module._CheckpointedSegment, "apply", counting)
+    monkeypatch.setattr(segments_module.CheckpointedSegment, "apply", counting)
     return calls
 
 
@@ -296,8 +296,8 @@ BAD_CONFIGS = [
     ),
     (
         ["engine=higher", "algorithm.checkpoint_segments=auto"],
-        "algorithm.inner_loop=higher does not support algorithm.checkpoint_segments='auto' "
-        "(a functional-engine option; use algorithm.inner_loop=functional, or leave it null)",
+        "engine=higher does not support algorithm.checkpoint_segments='auto' "
+        "(a functional-engine option; use engine=functional, or leave it null)",
     ),
     (
         ["algorithm.checkpoint_segments=0"],
@@ -337,7 +337,7 @@ BAD_VALUES = [
 @pytest.mark.parametrize(("options", "message"), BAD_VALUES, ids=lambda v: repr(v)[:40])
 def test_invalid_values_name_the_value(engine, options, message):
     if engine == "higher" and "checkpoint_segments" in options:
-        message = "algorithm.inner_loop=higher does not support algorithm.checkpoint_segments"
+        message = "engine=higher does not support algorithm.checkpoint_segments"
     with pytest.raises(ValueError, match=re.escape(message)):
         make_engine(engine, **options)
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -1,7 +1,49 @@
-"""What every inner-loop engine shares (the SGD update, rates, the run plan, losses)."""
+"""What every inner-loop engine shares: the SGD update, the rates, the run plan, the
+losses by output kind, the batched layers and the result."""
 
 from __future__ import annotations
 
-from reptile_gen.inner_loop.core.update import sgd_update
+from reptile_gen.inner_loop.core.plan import (
+    GRAD_MODES,
+    InnerSchedule,
+    check_truncate_steps,
+    first_order_before,
+    first_visit,
+    last_active_step,
+    num_segments,
+    segment_bounds,
+    step_weights,
+    steps_with_data,
+)
+from reptile_gen.inner_loop.core.rates import LEARNED_LR_MODES, InnerLR, RateSlots, split_rates
+from reptile_gen.inner_loop.core.result import (
+    InnerLoopEngine,
+    InnerLoopResult,
+    LossFn,
+    masked_mean,
+)
+from reptile_gen.inner_loop.core.update import sgd_step, sgd_update, sgd_update_list
 
-__all__ = ["sgd_update"]
+__all__ = [
+    "GRAD_MODES",
+    "InnerLR",
+    "InnerLoopEngine",
+    "InnerLoopResult",
+    "InnerSchedule",
+    "LEARNED_LR_MODES",
+    "LossFn",
+    "RateSlots",
+    "check_truncate_steps",
+    "first_order_before",
+    "first_visit",
+    "last_active_step",
+    "masked_mean",
+    "num_segments",
+    "segment_bounds",
+    "sgd_step",
+    "sgd_update",
+    "sgd_update_list",
+    "split_rates",
+    "step_weights",
+    "steps_with_data",
+]

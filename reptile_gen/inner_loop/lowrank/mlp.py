@@ -7,7 +7,7 @@ out: the forward pass is one matmul per layer with the shared initial weight plu
 history's correction, and the backward pass is the same on the transpose, so no ``vmap``,
 ``functional_call``, hooks or autograd graph run per step (autograd differentiates only
 the loss with respect to the logits, per task under ``vmap`` as in the general step). It
-returns what :meth:`_Run.step` returns, so the engine's history, updates and results are
+returns what :meth:`.run.Run.step` returns, so the engine's history, updates and results are
 unchanged; tested in float64 against the functional engine (tests/inner_loop/test_lowrank_engine.py).
 On text Reptile (50 x 128, 7x512) it takes ~12% off a meta-step, the per-step overhead.
 
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.func import vmap
 
+from reptile_gen.inner_loop.core import sgd_step
 from reptile_gen.models import MLP, SequenceModel
 from reptile_gen.models.encoders import ContinuousEncoder, DiscreteEncoder
 
@@ -39,7 +40,7 @@ class _Layer:
 
 
 def mlp_stepper(run) -> MLPStepper | None:
-    """The hand-written step for ``run`` (a :class:`~reptile_gen.inner_loop.lowrank._Run`),
+    """The hand-written step for ``run`` (a :class:`~reptile_gen.inner_loop.lowrank.run.Run`),
     or None when its model is not a plain MLP sequence model in low-rank form."""
     model = run.model
     if type(model) is not SequenceModel or type(model.body) is not MLP:
@@ -114,7 +115,7 @@ class MLPStepper:
                 c = torch.bmm((x.unsqueeze(-1) == piece[0].unsqueeze(1)).to(out.dtype), piece[1])
             else:
                 c = torch.bmm(torch.bmm(x, piece[0].transpose(1, 2)), piece[1])
-            out = out.sub_(c, alpha=rate) if isinstance(rate, float) else out.sub_(rate * c)
+            out = sgd_step(out, c, rate, "inplace")
         return out
 
     def _grad_input(self, delta, weight, pieces, rate):
@@ -125,13 +126,15 @@ class MLPStepper:
                 c = torch.bmm(delta, piece[0])
             else:
                 c = torch.bmm(torch.bmm(delta, piece[1].transpose(1, 2)), piece[0])
-            g = g.sub_(c, alpha=rate) if isinstance(rate, float) else g.sub_(rate * c)
+            g = sgd_step(g, c, rate, "inplace")
         return g
 
     @torch.no_grad()
     def step(self, env, small, pieces, x, y, m):
-        """``(small grads, deltas, elements, inputs)`` as :meth:`_Run.step` returns them
+        """``(small grads, deltas, elements, inputs)`` as :meth:`.run.Run.step` returns them
         with ``keep_graph=False`` (everything detached)."""
+        if self.run.engine.on_step is not None:
+            self.run.engine.on_step("fast", x.shape[0])
         run, n, rows = self.run, x.shape[0], self.rows
         weights, rates = env.weights, env.site_rates
         inputs: list = [None] * len(run.sites)

@@ -1,17 +1,20 @@
-"""The small interface every inner-loop engine implements."""
+"""What every inner-loop engine returns and the interface it implements."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
-from reptile_gen.data.task_batch import TaskBatch
-from reptile_gen.inner_loop.schedule import InnerLR, InnerSchedule
+if TYPE_CHECKING:
+    from reptile_gen.data.task_batch import TaskBatch
+    from reptile_gen.inner_loop.core.plan import InnerSchedule
+    from reptile_gen.inner_loop.core.rates import InnerLR
 
-__all__ = ["InnerLoopEngine", "InnerLoopResult", "masked_mean", "LossFn"]
+__all__ = ["InnerLoopEngine", "InnerLoopResult", "LossFn", "masked_mean"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -29,12 +32,12 @@ class InnerLoopResult:
         query_losses: ``[B, T+1]`` query loss after 0..T steps if requested, else
             ``[B, 1]`` after all steps; None without a query set.
         adapted: the adapted parameters ``{name: [B, ...]}`` if requested.
-        adapted_mean: their task-mean ``{name: [...]}``, filled instead of ``adapted`` by
-            an engine that computes it directly (``return_adapted="mean"``: the low-rank
-            engine, in one GEMM per layer, without a per-task copy of each weight).
-        mean_final_query_loss: the task-mean of the final query loss as its own output
-            with a direct backward (the compiled meta-step: its gradient is the task-mean
-            meta-gradient it already holds), or None; see :meth:`query_objective`.
+        adapted_mean: their task-mean ``{name: [...]}``; an engine may fill it instead of
+            ``adapted`` when asked for ``return_adapted="mean"`` (read it through
+            :meth:`mean_adapted`, which falls back on ``adapted``).
+        objective: the task-mean of the final query loss, if the engine produced it as an
+            output of its own (with its own backward); read it through
+            :meth:`query_objective`, which falls back on ``query_losses``.
     """
 
     step_losses: torch.Tensor
@@ -42,12 +45,12 @@ class InnerLoopResult:
     query_losses: torch.Tensor | None = None
     adapted: dict[str, torch.Tensor] | None = None
     adapted_mean: dict[str, torch.Tensor] | None = None
-    mean_final_query_loss: torch.Tensor | None = None
+    objective: torch.Tensor | None = None
 
     def query_objective(self) -> torch.Tensor:
         """The task-mean of the final query loss (MAML's meta-objective)."""
-        if self.mean_final_query_loss is not None:
-            return self.mean_final_query_loss
+        if self.objective is not None:
+            return self.objective
         return self.final_query_loss.mean()
 
     @property
@@ -58,8 +61,7 @@ class InnerLoopResult:
         return self.query_losses[:, -1]
 
     def mean_adapted(self) -> dict[str, torch.Tensor]:
-        """Task-mean of the adapted parameters (what Reptile moves toward): the engine's
-        own ``adapted_mean`` if it made one, else the mean of ``adapted``."""
+        """Task-mean of the adapted parameters (what Reptile moves toward)."""
         if self.adapted_mean is not None:
             return self.adapted_mean
         if self.adapted is None:
@@ -77,8 +79,8 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class InnerLoopEngine:
     """Runs each task's inner SGD over its support set for a whole meta-batch.
 
-    Subclasses implement :meth:`run`. ``grad_mode`` says what flows back to the initial
-    parameters (and learned inner learning rates):
+    Subclasses implement :meth:`run` and :meth:`from_options`. ``grad_mode`` says what
+    flows back to the initial parameters (and learned inner learning rates):
 
     * ``second_order``: the full unrolled meta-gradient (MAML);
     * ``first_order``: inner gradients treated as constants (first-order MAML), so
@@ -86,7 +88,27 @@ class InnerLoopEngine:
     * ``none``: no graph at all (Reptile, evaluation).
     """
 
-    name = "base"
+    name: ClassVar[str] = "base"
+
+    @classmethod
+    def from_options(
+        cls, inner_optimizer: str, inner_optimizer_kwargs: dict, options: dict
+    ) -> InnerLoopEngine:
+        """The engine built from the config's options (``inner_optimizer``: its name;
+        ``options``: chunk_size, checkpoint_segments, truncate_steps, inner_lr_learned,
+        compile). An option this engine cannot do is a clear error, never ignored."""
+        raise NotImplementedError
+
+    @staticmethod
+    def refuse_compile(name: str, options: dict) -> None:
+        """A clear error for ``engine.compile`` on an engine that has no compiled form."""
+        compile_ = options.get("compile", False)
+        if compile_ is not False:
+            raise ValueError(
+                f"engine.compile={compile_!r} with engine={name}: compiling the meta-step "
+                "is a functional-engine option; allowed: engine.compile=false, or "
+                "engine=functional"
+            )
 
     def run(
         self,
@@ -104,29 +126,3 @@ class InnerLoopEngine:
         parameters per task; ``"mean"`` when only their task-mean is needed (an engine
         may then fill ``adapted_mean`` only; engines that do not treat it as ``True``)."""
         raise NotImplementedError
-
-
-def first_visit(slices: list[tuple[int, int]]) -> list[bool]:
-    """For each step, whether it is the first to visit its elements (its pre-update losses
-    are then those elements' online losses)."""
-    frontier, out = 0, []
-    for start, end in slices:
-        out.append(start >= frontier and end > start)
-        frontier = max(frontier, end)
-    return out
-
-
-def last_active_step(mask: torch.Tensor, slices: list[tuple[int, int]]) -> torch.Tensor:
-    """``[B]`` index of each task's last step with a real (unmasked) element, -1 if none.
-    A step whose elements are all padding is a no-op for the task (zero loss, zero
-    gradient), so nothing needs to run for it."""
-    if not slices:
-        return torch.full(mask.shape[:1], -1, dtype=torch.long, device=mask.device)
-    # real elements before each position; a slice is active if the count grows over it
-    count = torch.nn.functional.pad(mask.long().cumsum(1), (1, 0))
-    length = mask.shape[1]
-    starts = torch.tensor([min(s, length) for s, _ in slices], device=mask.device)
-    ends = torch.tensor([min(max(s, e), length) for s, e in slices], device=mask.device)
-    active = count[:, ends] > count[:, starts]  # [B, T]
-    index = torch.arange(len(slices), device=mask.device)
-    return torch.where(active, index, -1).amax(1)

@@ -1,7 +1,7 @@
 """The default engine: pure functions of per-task parameters, batched over the tasks.
 
 How the tasks are batched is the engine's ``path`` (default ``auto``: the fastest that
-covers the model; all give the same numbers, see :mod:`.batched`):
+covers the model; all give the same numbers, see :mod:`.runner`):
 
 * ``analytic``: ``[B, ...]`` parameters, hand-batched forward and hand-written inner
   gradient (no double backward); chosen for models made of ``Linear``, elementwise
@@ -35,49 +35,35 @@ holds a per-task copy of every parameter. Two remedies, chosen by config:
 
 from __future__ import annotations
 
-import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
-from reptile_gen.data.task_batch import TaskBatch
-from reptile_gen.inner_loop import compiled
-from reptile_gen.inner_loop.base import (
+from reptile_gen.inner_loop.core import (
     InnerLoopEngine,
     InnerLoopResult,
     LossFn,
+    check_truncate_steps,
+    first_order_before,
     first_visit,
-    last_active_step,
-    masked_mean,
+    num_segments,
+    segment_bounds,
+    steps_with_data,
 )
-from reptile_gen.inner_loop.batched import BatchedRunner, compile_model
-from reptile_gen.inner_loop.schedule import InnerLR, InnerSchedule, split_rates
+from reptile_gen.inner_loop.core.model_plan import compile_model
+from reptile_gen.inner_loop.functional import compiled
+from reptile_gen.inner_loop.functional.runner import BatchedRunner
+from reptile_gen.inner_loop.functional.segments import CheckpointedSegment, SegmentRunner
+
+if TYPE_CHECKING:
+    from reptile_gen.data.task_batch import TaskBatch
+    from reptile_gen.inner_loop.core import InnerLR, InnerSchedule
 
 __all__ = ["FunctionalEngine", "num_segments", "check_truncate_steps", "PATHS"]
 
 #: ``FunctionalEngine(path=...)`` values (``auto`` picks among the others)
 PATHS = ("auto", "analytic", "autograd", "vmap", "vmap_grad")
-
-
-def num_segments(setting, num_steps: int) -> int:
-    """Segments for ``checkpoint_segments`` = ``None`` (1: no checkpointing), ``auto``
-    (``ceil(sqrt(T))``) or an integer (capped at the number of steps)."""
-    if setting is None:
-        return 1
-    if setting == "auto":
-        return max(1, math.ceil(math.sqrt(num_steps)))
-    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
-        raise ValueError(
-            f"algorithm.checkpoint_segments={setting!r}; allowed: null, auto, or an integer >= 1"
-        )
-    return max(1, min(setting, num_steps))
-
-
-def check_truncate_steps(value) -> None:
-    """``truncate_steps`` must be ``None`` or an integer >= 0 (a clear error otherwise)."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise ValueError(f"algorithm.truncate_steps={value!r}; allowed: null or an integer >= 0")
 
 
 class FunctionalEngine(InnerLoopEngine):
@@ -104,6 +90,8 @@ class FunctionalEngine(InnerLoopEngine):
             reverse pass (:mod:`.compiled`); evaluation keeps the eager path. A model,
             loss or option the compiled program does not cover is a clear error.
             ``"eager"`` runs the same programs op by op (no C++ compiler; for debugging).
+        skip_idle_steps: skip the trailing online steps that only see padding (same
+            numbers; False runs them, e.g. to check that skipping them is exact).
     """
 
     name = "functional"
@@ -116,6 +104,7 @@ class FunctionalEngine(InnerLoopEngine):
         path: str = "auto",
         hand_backward: bool = True,
         compile: bool | str = False,
+        skip_idle_steps: bool = True,
     ) -> None:
         num_segments(checkpoint_segments, 1)  # validates
         check_truncate_steps(truncate_steps)
@@ -127,14 +116,27 @@ class FunctionalEngine(InnerLoopEngine):
         self.path = path
         self.hand_backward = hand_backward
         if compile not in (False, True, "eager"):
-            raise ValueError(f"algorithm.compile={compile!r}; allowed: false, true, eager")
+            raise ValueError(f"engine.compile={compile!r}; allowed: false, true, eager")
         if compile and (path not in ("auto", "analytic") or not hand_backward):
             raise ValueError(
-                f"algorithm.compile={compile} runs the hand-written reverse pass of the "
+                f"engine.compile={compile} runs the hand-written reverse pass of the "
                 f"analytic path; it does not combine with path={path!r}, "
                 f"hand_backward={hand_backward}"
             )
         self.compile = compile
+        self.skip_idle_steps = skip_idle_steps
+
+    @classmethod
+    def from_options(cls, inner_optimizer, inner_optimizer_kwargs, options):
+        if inner_optimizer != "sgd" or inner_optimizer_kwargs:
+            raise ValueError(
+                f"engine.inner_optimizer={{name: {inner_optimizer}, {inner_optimizer_kwargs}}} "
+                "needs engine=higher: the functional engine runs plain SGD "
+                "(inner_optimizer.name=sgd, no extra options)"
+            )
+        options = dict(options)
+        options.pop("inner_lr_learned", None)  # every mode is supported
+        return cls(**options)
 
     def resolve_path(self, model: nn.Module, names: list[str] | None = None) -> tuple[str, object]:
         """``(path, compiled model or None)`` this engine runs ``model`` with."""
@@ -191,11 +193,11 @@ class FunctionalEngine(InnerLoopEngine):
         slices = schedule.slices(batch.support_x.shape[1])
         records = first_visit(slices)
         num_steps = len(slices)
-        first_order_before = self._first_order_before(num_steps, grad_mode)
+        n_first_order = first_order_before(num_steps, grad_mode, self.truncate_steps)
         path, batched = self.resolve_path(model, names)
         track = track_query and batch.has_query
         if path == "vmap_grad":
-            runner = _SegmentRunner(model, names, loss_fn, rates, self.chunk_size, track)
+            runner = SegmentRunner(model, names, loss_fn, rates, self.chunk_size, track)
         else:
             runner = BatchedRunner(
                 model, names, loss_fn, rates, self.chunk_size, track, path, batched,
@@ -207,26 +209,23 @@ class FunctionalEngine(InnerLoopEngine):
         # steps past the longest sequence of the batch only see padding: no loss, no
         # update. They are skipped (their step losses are zeros, as they would be)
         ran = (
-            _steps_with_data(slices, batch.support_mask)
-            if schedule.num_steps is None
-            else num_steps
+            steps_with_data(slices, batch.support_mask) if schedule.num_steps is None else num_steps
         )
 
         segments = 1
         if grad_mode == "second_order" and torch.is_grad_enabled():
             segments = num_segments(self.checkpoint_segments, ran)
-        bounds = [round(i * ran / segments) for i in range(segments + 1)]
+        bounds = segment_bounds(ran, segments)
 
         step_losses, element_losses, query_losses = [], [], []
         if query is not None and track_query:
             query_losses.append(runner.query_losses(params, query))
         for a, b in zip(bounds[:-1], bounds[1:]):
             steps = [
-                (slices[i][0], slices[i][1], records[i], i < first_order_before)
-                for i in range(a, b)
+                (slices[i][0], slices[i][1], records[i], i < n_first_order) for i in range(a, b)
             ]
             if segments > 1:
-                outs = _CheckpointedSegment.apply(
+                outs = CheckpointedSegment.apply(
                     runner, steps, query, data, len(params), *params, *runner.rate_tensors
                 )
             else:
@@ -261,15 +260,6 @@ class FunctionalEngine(InnerLoopEngine):
             adapted=dict(zip(names, params)) if return_adapted else None,
         )
 
-    def _first_order_before(self, num_steps: int, grad_mode: str) -> int:
-        """How many leading steps are first order: all of them for first-order MAML, the
-        ones before the last ``truncate_steps`` for truncated second order, else none."""
-        if grad_mode == "first_order":
-            return num_steps
-        if grad_mode == "second_order" and self.truncate_steps is not None:
-            return max(num_steps - self.truncate_steps, 0)
-        return 0
-
     def _run_compiled(self, model, batch, loss_fn, lr, schedule, grad_mode, eager_only):
         """A few-shot meta-training step through the compiled programs (None: this call
         is not one, e.g. evaluation; the eager path runs it)."""
@@ -284,8 +274,8 @@ class FunctionalEngine(InnerLoopEngine):
         ):
             return None
         num_steps = schedule.num_steps
-        first_order_before = self._first_order_before(num_steps, grad_mode)
-        first_order = tuple(i < first_order_before for i in range(num_steps))
+        n_first_order = first_order_before(num_steps, grad_mode, self.truncate_steps)
+        first_order = tuple(i < n_first_order for i in range(num_steps))
         objective, query, steps, elements = compiled.run_compiled(
             model,
             plan_,
@@ -299,138 +289,8 @@ class FunctionalEngine(InnerLoopEngine):
             step_losses=steps,
             element_losses=elements,
             query_losses=query,
-            mean_final_query_loss=objective,
+            objective=objective,
         )
-
-
-class _SegmentRunner:
-    """Runs a stretch of inner steps for all tasks at once (``vmap`` over tasks of
-    ``grad``): the ``vmap_grad`` path."""
-
-    def __init__(self, model, names, loss_fn, rates, chunk_size, track_query) -> None:
-        self.model = model
-        self.names = names
-        self.loss_fn = loss_fn
-        # learned rates become explicit inputs (so a checkpointed segment can return
-        # their gradients); fixed ones stay floats
-        self.rate_tensors, self.rate_slots = split_rates(rates)
-        self.fixed_rates = {k: r for k, r in rates.items() if not torch.is_tensor(r)}
-        self.chunk_size = chunk_size
-        self.track_query = track_query
-        self.buffers = dict(model.named_buffers())
-
-        def step_loss(p, x, y, m):
-            elements = loss_fn(functional_call(model, (p, self.buffers), (x,)), y)
-            return masked_mean(elements, m), elements * m.to(elements.dtype)
-
-        self.step_grad = grad(step_loss, has_aux=True)
-
-    def _query_loss(self, p, qx, qy):
-        return self.loss_fn(functional_call(self.model, (p, self.buffers), (qx,)), qy).mean()
-
-    def query_losses(self, params, query) -> torch.Tensor:
-        """``[B]`` query loss at batched ``params``."""
-
-        def one(qx, qy, *p):
-            return self._query_loss(dict(zip(self.names, p)), qx, qy)
-
-        return vmap(one, chunk_size=self.chunk_size)(*query, *params)
-
-    def rates(self, rate_tensors) -> dict:
-        """``{name: rate}`` with the learned rates taken from ``rate_tensors``."""
-        return {
-            k: (self.fixed_rates[k] if slot is None else rate_tensors[slot])
-            for k, slot in self.rate_slots.items()
-        }
-
-    def segment(self, steps, query, data, params, rate_tensors):
-        """Run ``steps`` (``(start, end, record, first_order)`` each) from batched
-        ``params`` with the learned rates ``rate_tensors``; returns the new params,
-        ``[B, n]`` step losses, ``[B, e]`` element losses of the recorded steps, and
-        ``[B, n]`` query losses (if tracked)."""
-        track_query = self.track_query and query is not None
-        rates = self.rates(rate_tensors)
-
-        def one_task(sx, sy, sm, qx, qy, *flat):
-            p = dict(zip(self.names, flat))
-            step_losses, element_losses, query_losses = [], [], []
-            for start, end, record, first_order in steps:
-                x, y, m = sx[start:end], sy[start:end], sm[start:end]
-                grads, elements = self.step_grad(p, x, y, m)
-                # the step's loss again from its elements (no second forward pass)
-                step_losses.append(elements.sum() / m.sum().clamp(min=1).to(elements.dtype))
-                if record:
-                    element_losses.append(elements)
-                if first_order:
-                    grads = {k: g.detach() for k, g in grads.items()}
-                p = {k: p[k] - rates[k] * grads[k] for k in p}
-                if track_query:
-                    query_losses.append(self._query_loss(p, qx, qy))
-            zero = sx.new_zeros((0,), dtype=flat[0].dtype)
-            return (
-                *(p[k] for k in self.names),
-                torch.stack(step_losses) if step_losses else zero,
-                torch.cat(element_losses) if element_losses else zero,
-                torch.stack(query_losses) if query_losses else zero,
-            )
-
-        qx, qy = query if query is not None else (data[0], data[1])
-        return vmap(one_task, chunk_size=self.chunk_size, randomness="different")(
-            *data, qx, qy, *params
-        )
-
-
-class _CheckpointedSegment(torch.autograd.Function):
-    """One segment of the inner loop, recomputed in backward (exact gradients, memory of
-    one segment's unroll instead of all of them).
-
-    Forward runs the segment without keeping its graph and saves only its inputs.
-    Backward re-runs it from those inputs with the graph (second order included) and
-    backpropagates the incoming output gradients through it to the segment's input
-    parameters and to the learned inner learning rates.
-    """
-
-    @staticmethod
-    def forward(ctx, runner, steps, query, data, num_params, *tensors):
-        ctx.runner, ctx.steps, ctx.query, ctx.data = runner, steps, query, data
-        ctx.num_params = num_params
-        ctx.save_for_backward(*tensors)
-        with torch.no_grad():
-            outs = runner.segment(
-                steps, query, data, list(tensors[:num_params]), list(tensors[num_params:])
-            )
-        return tuple(o.detach() for o in outs)
-
-    @staticmethod
-    def backward(ctx, *grad_outputs):
-        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
-        n = ctx.num_params
-        with torch.enable_grad():
-            outs = ctx.runner.segment(ctx.steps, ctx.query, ctx.data, inputs[:n], inputs[n:])
-        pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
-        wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(
-            torch.autograd.grad(
-                [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True
-            )
-            if pairs and wanted
-            else [None] * len(wanted)
-        )
-        return (
-            None,
-            None,
-            None,
-            None,
-            None,
-            *(next(grads) if t.requires_grad else None for t in inputs),
-        )
-
-
-def _steps_with_data(slices: list[tuple[int, int]], mask: torch.Tensor) -> int:
-    """How many leading steps to run: all but the trailing ones whose elements are
-    padding in every task (all of them if no element is real)."""
-    last = int(last_active_step(mask, slices).max()) if slices else -1
-    return last + 1 if last >= 0 else len(slices)
 
 
 def _pad_to(element_losses: torch.Tensor, length: int) -> torch.Tensor:

@@ -7,19 +7,24 @@ SGD, Adam, RMSprop, Adagrad, Adadelta, Adamax, ASGD (not AdamW).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from reptile_gen.data.task_batch import TaskBatch
-from reptile_gen.inner_loop.base import (
+from reptile_gen.inner_loop.core import (
     InnerLoopEngine,
     InnerLoopResult,
     LossFn,
+    check_truncate_steps,
+    first_order_before,
     first_visit,
     masked_mean,
 )
-from reptile_gen.inner_loop.functional import check_truncate_steps
-from reptile_gen.inner_loop.schedule import InnerLR, InnerSchedule
+
+if TYPE_CHECKING:
+    from reptile_gen.data.task_batch import TaskBatch
+    from reptile_gen.inner_loop.core import InnerLR, InnerSchedule
 
 __all__ = ["HigherEngine", "INNER_OPTIMIZERS"]
 
@@ -61,6 +66,29 @@ class HigherEngine(InnerLoopEngine):
         self.inner_optimizer_kwargs = dict(inner_optimizer_kwargs or {})
         self.truncate_steps = truncate_steps
 
+    @classmethod
+    def from_options(cls, inner_optimizer, inner_optimizer_kwargs, options):
+        cls.refuse_compile(cls.name, options)
+        if inner_optimizer not in INNER_OPTIMIZERS:
+            raise ValueError(
+                f"engine.inner_optimizer.name={inner_optimizer!r}; allowed with "
+                f"engine=higher: {', '.join(INNER_OPTIMIZERS)}"
+            )
+        options = {k: v for k, v in options.items() if k not in ("compile", "inner_lr_learned")}
+        truncate_steps = options.pop("truncate_steps", None)
+        unsupported = sorted(k for k, v in options.items() if v not in (None, 1))
+        if unsupported:
+            key = (
+                "engine.chunk_size"
+                if unsupported[0] == "chunk_size"
+                else (f"algorithm.{unsupported[0]}")
+            )
+            raise ValueError(
+                f"engine=higher does not support {key}={options[unsupported[0]]!r} (a "
+                "functional-engine option; use engine=functional, or leave it null)"
+            )
+        return cls(inner_optimizer, inner_optimizer_kwargs, truncate_steps=truncate_steps)
+
     def run(
         self,
         model: nn.Module,
@@ -87,12 +115,8 @@ class HigherEngine(InnerLoopEngine):
         )
         slices = schedule.slices(batch.support_x.shape[1])
         records = first_visit(slices)
-        # steps before first_order_before have their inner gradients treated as constants
-        first_order_before = 0
-        if grad_mode == "first_order":
-            first_order_before = len(slices)
-        elif grad_mode == "second_order" and self.truncate_steps is not None:
-            first_order_before = max(len(slices) - self.truncate_steps, 0)
+        # steps before n_first_order have their inner gradients treated as constants
+        n_first_order = first_order_before(len(slices), grad_mode, self.truncate_steps)
         has_query = batch.has_query
         # with no meta-gradient (Reptile, evaluation) nothing needs a task's graph once
         # its loop is done: detaching frees it instead of holding every task's unroll
@@ -125,7 +149,7 @@ class HigherEngine(InnerLoopEngine):
                     if bool(m.any()):
                         diffopt.step(
                             loss,
-                            grad_callback=_detach_all if i < first_order_before else None,
+                            grad_callback=_detach_all if i < n_first_order else None,
                         )
                     if has_query and track_query:
                         query_losses.append(keep(query_loss()))

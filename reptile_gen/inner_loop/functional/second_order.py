@@ -33,39 +33,9 @@ from __future__ import annotations
 
 import torch
 
-from reptile_gen.inner_loop.batched import (
-    _bce_and_grad,
-    _cross_entropy_and_grad,
-    _mse_and_grad,
-    _sgd,
-    step_weights,
-)
+from reptile_gen.inner_loop.core import sgd_update_list, step_weights
 
 __all__ = ["HandSegment", "HandQuery", "supports"]
-
-
-# ------------------------------------------------------------------------------ losses
-def _mse_curvature(pred, target, r, weights, seed):
-    return torch.addcmul(seed, r, weights.unsqueeze(-1), value=2.0 / pred.shape[-1])
-
-
-def _cross_entropy_curvature(pred, target, r, weights, seed):
-    p = torch.softmax(pred, -1)
-    curvature = p * (r - (p * r).sum(-1, keepdim=True))
-    return torch.addcmul(seed, curvature, weights.unsqueeze(-1))
-
-
-def _bce_curvature(pred, target, r, weights, seed):
-    s = torch.sigmoid(pred)
-    return torch.addcmul(seed, r, (s * (1 - s)).mul_(weights.unsqueeze(-1)))
-
-
-#: ``seed + w * R{dloss/dpred}`` given ``R{pred}``, per closed-form loss
-_CURVATURE = {
-    _mse_and_grad: _mse_curvature,
-    _cross_entropy_and_grad: _cross_entropy_curvature,
-    _bce_and_grad: _bce_curvature,
-}
 
 
 def supports(batched, loss_grad) -> bool:
@@ -74,7 +44,7 @@ def supports(batched, loss_grad) -> bool:
         batched is not None
         and batched.analytic
         and all(layer.rop for layer in batched.layers)
-        and loss_grad in _CURVATURE
+        and loss_grad is not None
     )
 
 
@@ -82,7 +52,7 @@ def supports(batched, loss_grad) -> bool:
 def _forward_backward(batched, loss_grad, p: dict, x, y, weights):
     """Forward and inner backward of one step, keeping what the R-pass needs."""
     pred, saved = batched.forward(p, x, keep=True)
-    elements, g = loss_grad(pred, y)
+    elements, g = loss_grad.loss_and_grad(pred, y)
     deltas: list = []
     grads = batched.backward(p, g * weights.unsqueeze(-1), saved, deltas=deltas)
     return pred, saved, deltas, elements, g, grads
@@ -134,9 +104,7 @@ def _shared_rate(rates: list) -> float | None:
 
 def _update(params: list, grads: list, rates: list, shared_rate: float | None) -> list:
     """``p - rate * g`` for every parameter (the inner SGD step)."""
-    if shared_rate is not None:
-        return torch._foreach_add(params, grads, alpha=-shared_rate)
-    return [_sgd(q, g, r) for q, g, r in zip(params, grads, rates)]
+    return sgd_update_list(params, grads, rates if shared_rate is None else shared_rate, "fused")
 
 
 class HandSegment(torch.autograd.Function):
@@ -190,11 +158,11 @@ class HandSegment(torch.autograd.Function):
         _refuse_create_graph()
         runner, tape, rate_list = ctx.runner, ctx.tape, ctx.rate_list
         names, batched = runner.names, runner.batched
-        curvature = _CURVATURE[runner.loss_grad]
+        curvature = runner.loss_grad.curvature
         n = ctx.num_params
         theta_bar = list(grad_outputs[:n])
         g_steps, g_elements = grad_outputs[n], grad_outputs[n + 1]
-        slots = [runner.rate_slots[name] for name in names]
+        slots = [runner.slots.slots[name] for name in names]
         wanted = [t.requires_grad for t in ctx.rate_tensors]
         rate_grads: list = [None] * len(ctx.rate_tensors)
         offset = g_elements.shape[1]
@@ -246,7 +214,7 @@ class HandQuery(torch.autograd.Function):
     def forward(ctx, runner, qx, qy, *params):
         p = dict(zip(runner.names, params))
         pred, saved = runner.batched.forward(p, qx, keep=True)
-        elements, g = runner.loss_grad(pred, qy)
+        elements, g = runner.loss_grad.loss_and_grad(pred, qy)
         ctx.runner, ctx.p, ctx.saved, ctx.g = runner, p, saved, g
         return elements.mean(1)
 

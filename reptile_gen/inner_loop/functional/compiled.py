@@ -1,7 +1,7 @@
-"""``algorithm.compile=true``: the few-shot MAML meta-step of an MLP as a compiled program.
+"""``engine.compile=true``: the few-shot MAML meta-step of an MLP as a compiled program.
 
 On small models (sine MAML: 1-40-40-1) the functional engine's hand-written passes
-(:mod:`.batched`, :mod:`.second_order`) are bound by eager per-op overhead: a few hundred
+(:mod:`.runner`, :mod:`.second_order`) are bound by eager per-op overhead: a few hundred
 small ops per meta-step, each dispatched on its own. ``torch.compile`` cannot help the
 autograd form (it has no double backward), but with the reverse pass written out the whole
 meta-gradient is a *forward* program: ordinary tensor ops, no autograd inside. Here it is
@@ -46,29 +46,23 @@ builds C++ with the system compiler); ``make bench`` reports that time separatel
 
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from reptile_gen.inner_loop.batched import (
-    _bce_and_grad,
-    _cross_entropy_and_grad,
-    _mse_and_grad,
-    activation_second,
-    closed_form_loss,
-    silu_derivative,
-)
-from reptile_gen.inner_loop.second_order import _CURVATURE
+from reptile_gen.inner_loop.core import sgd_update_list
+from reptile_gen.inner_loop.core.layers import Activation, Linear
+from reptile_gen.inner_loop.core.losses import closed_form_loss, loss_named
+from reptile_gen.inner_loop.core.model_plan import compile_model
+from reptile_gen.inner_loop.functional import compiled_ops as ops
 
-__all__ = ["Plan", "plan", "run_compiled", "ACTIVATIONS"]
+__all__ = ["ACTIVATIONS", "Plan", "built_programs", "clear_programs", "plan", "run_compiled"]
 
 #: the activation modules the compiled program covers
 ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.GELU, nn.SiLU)
 
-_LOSS_NAMES = {_mse_and_grad: "mse", _cross_entropy_and_grad: "cross_entropy", _bce_and_grad: "bce"}
 
 #: compiled programs per configuration (Dynamo recompiles per shape and dtype on its own)
 _PROGRAMS: dict = {}
@@ -77,24 +71,25 @@ _PROGRAMS: dict = {}
 # ------------------------------------------------------------------------------ the plan
 @dataclass(frozen=True)
 class Plan:
-    """What the compiled program of one model runs: its ``Linear`` layers in order, their
-    parameters' names (weight, bias per layer) and each hidden layer's activation."""
+    """What the compiled program of one model runs: the names of its ``Linear`` layers'
+    parameters in order (weight, bias per layer) and each hidden layer's activation."""
 
-    layers: tuple[nn.Linear, ...]
     names: tuple[str, ...]
     activations: tuple[type, ...]
 
-    def parameters(self) -> list[torch.Tensor]:
+    def parameters(self, model: nn.Module) -> list[torch.Tensor]:
         """weight, bias of each layer (read at call time: a replaced tensor is seen)."""
-        return [p for layer in self.layers for p in (layer.weight, layer.bias)]
+        return [model.get_parameter(name) for name in self.names]
 
 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def plan(model: nn.Module) -> Plan:
-    """The :class:`Plan` of ``model``, or a ``ValueError`` saying what is not covered.
-    Cached per model and rebuilt when a submodule is replaced (its layers are held)."""
+    """The :class:`Plan` of ``model`` (read off its batched form,
+    :func:`~reptile_gen.inner_loop.core.model_plan.compile_model`), or a ``ValueError``
+    saying what is not covered. Cached per model and rebuilt when a submodule is
+    replaced."""
     key = tuple(map(id, model.modules()))
     cached = _PLANS.get(model)
     if cached is not None and cached[0] == key:
@@ -105,9 +100,9 @@ def plan(model: nn.Module) -> Plan:
 
     def refuse(what: str):
         return ValueError(
-            f"algorithm.compile=true: {what}; the compiled meta-step covers a continuous "
+            f"engine.compile=true: {what}; the compiled meta-step covers a continuous "
             "input, an MLP body (relu, tanh, gelu or silu) and a Linear head (model=mlp on "
-            "sine-like tasks); set algorithm.compile=false for this model"
+            "sine-like tasks); set engine.compile=false for this model"
         )
 
     if not isinstance(model, SequenceModel):
@@ -118,24 +113,28 @@ def plan(model: nn.Module) -> Plan:
         raise refuse(f"the body is a {type(model.body).__name__}")
     if type(model.head) is not nn.Linear or model.head.bias is None:
         raise refuse(f"the head is a {type(model.head).__name__}")
-    linears, activations = [], []
     for module in model.body.net:
-        if type(module) is nn.Linear and module.bias is not None:
-            linears.append(module)
-        elif type(module) in ACTIVATIONS and len(activations) < len(linears):
-            if isinstance(module, nn.GELU) and module.approximate != "none":
-                raise refuse("a tanh-approximated GELU")
-            activations.append(type(module))
-        else:
+        if type(module) is not nn.Linear and type(module) not in ACTIVATIONS:
             raise refuse(f"the body holds a {type(module).__name__}")
-    if len(activations) != len(linears):
-        raise refuse("a hidden Linear layer without an activation after it")
-    linears.append(model.head)
-    ids = {id(p): n for n, p in model.named_parameters()}
-    names = tuple(ids[id(p)] for layer in linears for p in (layer.weight, layer.bias))
-    if len(names) != len(ids):
+    batched = compile_model(model, [n for n, _ in model.named_parameters()])
+    if batched is None:
         raise refuse("the model holds parameters outside its Linear layers")
-    result = Plan(tuple(linears), names, tuple(activations))
+    names, activations, linears = [], [], 0
+    for layer in batched.layers[1:]:  # after the continuous encoder (an identity)
+        if isinstance(layer, Linear) and layer.b is not None:
+            names += [layer.w, layer.b]
+            linears += 1
+        elif isinstance(layer, Activation) and len(activations) < linears:
+            if layer.kind is nn.GELU and layer.module.approximate != "none":
+                raise refuse("a tanh-approximated GELU")
+            activations.append(layer.kind)
+        else:
+            raise refuse(
+                f"the body holds a {'Linear without bias' if isinstance(layer, Linear) else layer.kind.__name__}"
+            )
+    if len(activations) != linears - 1:
+        raise refuse("a hidden Linear layer without an activation after it")
+    result = Plan(tuple(names), tuple(activations))
     _PLANS[model] = (key, result)
     return result
 
@@ -143,150 +142,19 @@ def plan(model: nn.Module) -> Plan:
 def check_call(loss_fn, checkpoint_segments) -> str:
     """The loss's name in the compiled program; a ``ValueError`` for a loss or an option
     it does not cover."""
-    loss = _LOSS_NAMES.get(closed_form_loss(loss_fn))
+    loss = closed_form_loss(loss_fn)
     if loss is None:
         raise ValueError(
-            "algorithm.compile=true: the task's loss has no closed form here; covered: the "
+            "engine.compile=true: the task's loss has no closed form here; covered: the "
             "squared error, cross entropy and Bernoulli losses of the built-in tasks"
         )
     if checkpoint_segments is not None:
         raise ValueError(
-            f"algorithm.compile=true with algorithm.checkpoint_segments="
+            f"engine.compile=true with algorithm.checkpoint_segments="
             f"{checkpoint_segments!r}: the compiled few-shot meta-step keeps its whole "
             "unroll; allowed: checkpoint_segments=null"
         )
-    return loss
-
-
-# ------------------------------------------------------------------------------ pieces
-def _act(kind: type, z: torch.Tensor) -> torch.Tensor:
-    if kind is nn.ReLU:
-        return torch.relu(z)
-    if kind is nn.Tanh:
-        return torch.tanh(z)
-    if kind is nn.GELU:
-        return torch.nn.functional.gelu(z)
-    return torch.nn.functional.silu(z)
-
-
-def _act_d1(kind: type, z: torch.Tensor) -> torch.Tensor:
-    """The activation's derivative at ``z``."""
-    if kind is nn.ReLU:
-        return (z > 0).to(z.dtype)
-    if kind is nn.Tanh:
-        t = torch.tanh(z)
-        return 1 - t * t
-    if kind is nn.GELU:  # Phi(z) + z phi(z)
-        phi = torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
-        return 0.5 * (1 + torch.erf(z * (1 / math.sqrt(2)))) + z * phi
-    return silu_derivative(z)
-
-
-def _act_d2(kind: type, z: torch.Tensor) -> torch.Tensor | None:
-    """The activation's second derivative at ``z`` (None: zero, ReLU)."""
-    if kind is nn.ReLU:
-        return None
-    return activation_second(kind, torch.tanh(z) if kind is nn.Tanh else z)
-
-
-def _linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """``h @ w.T + b`` per task: ``h`` is ``[B, N, in]``, ``w`` ``[out, in]`` (shared by the
-    tasks) or ``[B, out, in]``, ``b`` ``[out]`` or ``[B, out]``. A width-1 side is a
-    broadcast product (fused with the rest), a shared weight one ``mm`` for all tasks."""
-    if w.shape[-1] == 1:  # one input
-        out = h * w.transpose(-1, -2).unsqueeze(0) if w.dim() == 2 else h * w.transpose(1, 2)
-    elif w.shape[-2] == 1:  # one output
-        out = (h * (w.unsqueeze(0) if w.dim() == 2 else w)).sum(-1, keepdim=True)
-    elif w.dim() == 2:
-        out = torch.matmul(h, w.t())
-    else:
-        return (
-            torch.bmm(h, w.transpose(1, 2))
-            if b is None
-            else torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
-        )
-    if b is None:
-        return out
-    return out + (b if b.dim() == 1 else b.unsqueeze(1))
-
-
-def _back(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``d @ w`` per task (the input gradient of a layer with weight ``w``)."""
-    if w.shape[-2] == 1:  # one output
-        return d * (w.unsqueeze(0) if w.dim() == 2 else w)
-    if w.shape[-1] == 1:  # one input
-        wt = w.transpose(-1, -2)
-        return (d * (wt.unsqueeze(0) if w.dim() == 2 else wt)).sum(-1, keepdim=True)
-    return torch.matmul(d, w) if w.dim() == 2 else torch.bmm(d, w)
-
-
-def _outer(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """``d[b].T @ h[b]`` (``[B, out, in]``: a weight gradient)."""
-    if d.shape[-1] == 1 or h.shape[-1] == 1:
-        return (d.unsqueeze(-1) * h.unsqueeze(-2)).sum(1)
-    return torch.bmm(d.transpose(1, 2), h)
-
-
-def _forward(params, x, acts):
-    """Prediction, each layer's input and each hidden layer's pre-activation."""
-    inputs, pre = [x], []
-    h = x
-    last = len(acts)
-    for i in range(last + 1):
-        z = _linear(h, params[2 * i], params[2 * i + 1])
-        if i == last:
-            return z, inputs, pre
-        pre.append(z)
-        h = _act(acts[i], z)
-        inputs.append(h)
-    raise AssertionError("unreachable")
-
-
-def _backward(params, acts, d, inputs, pre):
-    """Parameter gradients per task for output gradient ``d``; also each layer's output
-    gradient (``deltas``) and the input gradient of each layer above the first before
-    the activation's derivative (``back``: the R-pass's second-derivative term)."""
-    n = len(acts) + 1
-    grads: list = [None] * (2 * n)
-    deltas: list = [None] * n
-    back: list = [None] * n
-    for i in reversed(range(n)):
-        deltas[i] = d
-        grads[2 * i] = _outer(d, inputs[i])
-        grads[2 * i + 1] = d.sum(1)
-        if i > 0:
-            e = _back(d, params[2 * i])
-            back[i] = e
-            d = e * _act_d1(acts[i - 1], pre[i - 1])
-    return grads, deltas, back
-
-
-def _rpass(params, acts, v, inputs, pre, deltas, back, rd_of):
-    """``H v + B(seed)`` per parameter: the tangent forward pass of ``v`` gives R{pred},
-    ``rd_of(R{pred})`` the output seed (curvature term plus the first-order seed), then
-    the tangent of the backward pass."""
-    n = len(acts) + 1
-    rpre: list = []  # R{pre-activation} of each hidden layer
-    rin: list = [None]  # R{input} of each layer
-    rz = _linear(inputs[0], v[0], v[1])
-    for i in range(1, n):
-        rpre.append(rz)
-        rin.append(rz * _act_d1(acts[i - 1], pre[i - 1]))
-        rz = _linear(inputs[i], v[2 * i], v[2 * i + 1]) + _linear(rin[i], params[2 * i])
-    rd = rd_of(rz)
-    out: list = [None] * (2 * n)
-    for i in reversed(range(n)):
-        out[2 * i + 1] = rd.sum(1)
-        out[2 * i] = _outer(rd, inputs[i])
-        if i == 0:
-            break
-        out[2 * i] = out[2 * i] + _outer(deltas[i], rin[i])
-        z = pre[i - 1]
-        rd = (_back(rd, params[2 * i]) + _back(deltas[i], v[2 * i])) * _act_d1(acts[i - 1], z)
-        d2 = _act_d2(acts[i - 1], z)
-        if d2 is not None:
-            rd = rd + back[i] * d2 * rpre[i - 1]
-    return out
+    return loss.name
 
 
 # ------------------------------------------------------------------------------ programs
@@ -294,9 +162,7 @@ def _make_programs(acts, loss, fixed, first_order, compile_):
     """The programs of one configuration (compiled unless ``compile_`` is False: the same
     code eagerly). ``fixed`` holds each parameter's inner rate: a float, or None for a
     learned rate (a tensor input of the programs, Meta-SGD)."""
-    loss_grad = {"mse": _mse_and_grad, "cross_entropy": _cross_entropy_and_grad,
-                 "bce": _bce_and_grad}[loss]  # fmt: skip
-    curvature = _CURVATURE[loss_grad]
+    loss_grad, curvature = loss_named(loss).loss_and_grad, loss_named(loss).curvature
     num_steps = len(first_order)
     num = 2 * (len(acts) + 1)
     learned = [i for i, f in enumerate(fixed) if f is None]
@@ -316,16 +182,16 @@ def _make_programs(acts, loss, fixed, first_order, compile_):
         step_losses, saved = [], []
         element_losses = None
         for k in range(num_steps):
-            pred, inputs, pre = _forward(params, sx, acts)
+            pred, inputs, pre = ops.forward(params, sx, acts)
             elements, g = loss_grad(pred, sy)
             step_losses.append((elements * weights).sum(1))
             if k == 0:
                 element_losses = elements * mask
-            grads, deltas, back = _backward(params, acts, g * weights.unsqueeze(-1), inputs, pre)
+            grads, deltas, back = ops.backward(params, acts, g * weights.unsqueeze(-1), inputs, pre)
             saved += [*params, *inputs, *pre, *deltas, *back[1:], pred, g]
             saved += [grads[i] for i in learned]  # the learned rates' gradients need them
-            params = [p - rate * gp for p, rate, gp in zip(params, r, grads)]
-        pred, inputs, pre = _forward(params, qx, acts)
+            params = sgd_update_list(params, grads, r)
+        pred, inputs, pre = ops.forward(params, qx, acts)
         elements, g = loss_grad(pred, qy)
         saved += [*params, *inputs, *pre, g, weights, mask]
         return elements.mean(1, keepdim=True), torch.stack(step_losses, 1), element_losses, saved
@@ -365,7 +231,7 @@ def _make_programs(acts, loss, fixed, first_order, compile_):
         pre = saved[at : at + n_layers - 1]
         g, weights, mask = saved[at + n_layers - 1 :]
         d = g * (g_query / g.shape[1]).view(-1, 1, 1)
-        theta_bar, _, _ = _backward(params, acts, d, inputs, pre)
+        theta_bar, _, _ = ops.backward(params, acts, d, inputs, pre)
         rate_bar: list = [None] * len(learned)
         for k in reversed(range(num_steps)):
             params, inputs, pre, deltas, back, pred, g, grads = steps[k]
@@ -384,7 +250,7 @@ def _make_programs(acts, loss, fixed, first_order, compile_):
             if first_order[k]:
                 if seed is None:
                     continue
-                extra, _, _ = _backward(params, acts, seed, inputs, pre)
+                extra, _, _ = ops.backward(params, acts, seed, inputs, pre)
             else:
                 # -r H theta_bar + B(seed): the R-pass is linear in (v, seed)
                 v = [-(rate * t) for rate, t in zip(r, theta_bar)]
@@ -393,7 +259,7 @@ def _make_programs(acts, loss, fixed, first_order, compile_):
                 def rd_of(rp, pred=pred, seed=zero):
                     return curvature(pred, sy, rp, weights, seed)
 
-                extra = _rpass(params, acts, v, inputs, pre, deltas, back, rd_of)
+                extra = ops.rpass(params, acts, v, inputs, pre, deltas, back, rd_of)
             theta_bar = [t + e for t, e in zip(theta_bar, extra)]
         return theta_bar + rate_bar
 
@@ -443,14 +309,24 @@ class _Compiled:
             out = self.program(*args)
         except Exception as error:  # noqa: BLE001 - re-raised with what to do
             raise RuntimeError(
-                "algorithm.compile=true: torch.compile of the meta-step failed (on CPU, "
+                "engine.compile=true: torch.compile of the meta-step failed (on CPU, "
                 "Inductor builds C++ with the system compiler: it needs g++ and the Python "
-                "headers; on GPU, Triton); set algorithm.compile=eager (same program, op by "
+                "headers; on GPU, Triton); set engine.compile=eager (same program, op by "
                 "op) or false. Cause: "
                 f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
             ) from error
         self.ok = True
         return out
+
+
+def built_programs() -> dict:
+    """The programs built so far, per configuration key (a copy)."""
+    return dict(_PROGRAMS)
+
+
+def clear_programs() -> None:
+    """Forget the built programs (the next call of a configuration compiles again)."""
+    _PROGRAMS.clear()
 
 
 def _programs(key):
@@ -485,9 +361,9 @@ class _CompiledMAML(torch.autograd.Function):
     def backward(ctx, g_objective, g_query, g_steps, g_elements):
         if torch.is_grad_enabled():
             raise RuntimeError(
-                "algorithm.compile=true: the compiled meta-gradient is not differentiable "
+                "engine.compile=true: the compiled meta-gradient is not differentiable "
                 "(a backward with create_graph=True through it is not supported); set "
-                "algorithm.compile=false for higher-order gradients"
+                "engine.compile=false for higher-order gradients"
             )
         theta, rates, per_task = ctx.theta, ctx.rates, ctx.per_task
         inputs = [*theta, *rates]  # what the programs' gradients are for, in order
@@ -548,7 +424,7 @@ def run_compiled(model, plan_, loss, rates, batch, first_order, compile_=True):
             slots.append(found)
     key = (plan_.activations, loss, fixed, tuple(first_order), bool(compile_))
     data = (batch.support_x, batch.support_y, batch.support_mask, batch.query_x, batch.query_y)
-    theta = plan_.parameters()
+    theta = plan_.parameters(model)
     return _CompiledMAML.apply(
         _programs(key), data, tuple(slots), len(theta), *theta, *rate_tensors
     )

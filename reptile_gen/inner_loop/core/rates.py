@@ -1,4 +1,4 @@
-"""Inner-loop schedules and learned inner learning rates.
+"""Inner learning rates: fixed or meta-learned (one object for every engine).
 
 Learning-rate convention: ``inner_lr`` is the step size of each task's own SGD, applied to
 that task's loss (the mean over the elements of one inner step). It is never scaled by
@@ -7,41 +7,12 @@ the meta-batch size or by the number of tasks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-__all__ = ["InnerSchedule", "InnerLR", "LEARNED_LR_MODES", "GRAD_MODES", "split_rates"]
+__all__ = ["InnerLR", "LEARNED_LR_MODES", "RateSlots", "split_rates"]
 
 LEARNED_LR_MODES = ("none", "scalar", "per_tensor", "per_parameter")
-GRAD_MODES = ("second_order", "first_order", "none")
-
-
-@dataclass(frozen=True)
-class InnerSchedule:
-    """Which support elements each inner SGD step trains on.
-
-    Two shapes cover every use:
-
-    * few-shot (``num_steps`` set): ``num_steps`` steps, each on the whole support set
-      (K-shot regression, as in MAML's sine study);
-    * online (``num_steps`` None): one step per ``inner_batch_size`` consecutive elements,
-      in order (SGD as a sequence model: 1 element per step is the original model).
-    """
-
-    num_steps: int | None = None
-    inner_batch_size: int = 1
-
-    def slices(self, support_len: int) -> list[tuple[int, int]]:
-        """``(start, end)`` of the support elements used by each step."""
-        if self.num_steps is not None:
-            return [(0, support_len)] * self.num_steps
-        b = self.inner_batch_size
-        return [(s, min(s + b, support_len)) for s in range(0, support_len, b)]
-
-    def with_steps(self, num_steps: int) -> InnerSchedule:
-        return InnerSchedule(num_steps=num_steps, inner_batch_size=self.inner_batch_size)
 
 
 def _key(name: str) -> str:
@@ -103,3 +74,24 @@ def split_rates(rates: dict) -> tuple[list[torch.Tensor], dict[str, int | None]]
     tensors = list(dict.fromkeys(r for r in rates.values() if torch.is_tensor(r)))
     index = {id(t): i for i, t in enumerate(tensors)}
     return tensors, {k: index[id(r)] if torch.is_tensor(r) else None for k, r in rates.items()}
+
+
+class RateSlots:
+    """``{name: rate}`` split into the learned rate tensors (explicit inputs of a
+    checkpointed segment, which returns their gradients) and the fixed floats.
+
+    Attributes:
+        tensors: the distinct learned rate tensors, in first-seen order.
+        slots: per parameter name, the index of its rate in ``tensors`` (None: fixed).
+        fixed: the fixed rates by name.
+    """
+
+    def __init__(self, rates: dict) -> None:
+        self.tensors, self.slots = split_rates(rates)
+        self.fixed = {k: r for k, r in rates.items() if not torch.is_tensor(r)}
+
+    def rates(self, tensors) -> dict:
+        """``{name: rate}`` with the learned rates taken from ``tensors``."""
+        return {
+            k: (self.fixed[k] if slot is None else tensors[slot]) for k, slot in self.slots.items()
+        }

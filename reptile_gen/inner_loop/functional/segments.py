@@ -1,0 +1,127 @@
+"""The functional engine's generic runner (``vmap`` over tasks of ``grad`` of a
+``functional_call``: the ``vmap_grad`` path) and its segment checkpointing."""
+
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from reptile_gen.inner_loop.core import RateSlots, masked_mean, sgd_update
+
+__all__ = ["CheckpointedSegment", "SegmentRunner"]
+
+
+class SegmentRunner:
+    """Runs a stretch of inner steps for all tasks at once (``vmap`` over tasks of
+    ``grad``): the ``vmap_grad`` path."""
+
+    def __init__(self, model, names, loss_fn, rates, chunk_size, track_query) -> None:
+        self.model = model
+        self.names = names
+        self.loss_fn = loss_fn
+        # learned rates become explicit inputs (so a checkpointed segment can return
+        # their gradients); fixed ones stay floats
+        self.slots = RateSlots(rates)
+        self.rate_tensors = self.slots.tensors
+        self.chunk_size = chunk_size
+        self.track_query = track_query
+        self.buffers = dict(model.named_buffers())
+
+        def step_loss(p, x, y, m):
+            elements = loss_fn(functional_call(model, (p, self.buffers), (x,)), y)
+            return masked_mean(elements, m), elements * m.to(elements.dtype)
+
+        self.step_grad = grad(step_loss, has_aux=True)
+
+    def _query_loss(self, p, qx, qy):
+        return self.loss_fn(functional_call(self.model, (p, self.buffers), (qx,)), qy).mean()
+
+    def query_losses(self, params, query) -> torch.Tensor:
+        """``[B]`` query loss at batched ``params``."""
+
+        def one(qx, qy, *p):
+            return self._query_loss(dict(zip(self.names, p)), qx, qy)
+
+        return vmap(one, chunk_size=self.chunk_size)(*query, *params)
+
+    def segment(self, steps, query, data, params, rate_tensors):
+        """Run ``steps`` (``(start, end, record, first_order)`` each) from batched
+        ``params`` with the learned rates ``rate_tensors``; returns the new params,
+        ``[B, n]`` step losses, ``[B, e]`` element losses of the recorded steps, and
+        ``[B, n]`` query losses (if tracked)."""
+        track_query = self.track_query and query is not None
+        rates = self.slots.rates(rate_tensors)
+
+        def one_task(sx, sy, sm, qx, qy, *flat):
+            p = dict(zip(self.names, flat))
+            step_losses, element_losses, query_losses = [], [], []
+            for start, end, record, first_order in steps:
+                x, y, m = sx[start:end], sy[start:end], sm[start:end]
+                grads, elements = self.step_grad(p, x, y, m)
+                # the step's loss again from its elements (no second forward pass)
+                step_losses.append(elements.sum() / m.sum().clamp(min=1).to(elements.dtype))
+                if record:
+                    element_losses.append(elements)
+                if first_order:
+                    grads = {k: g.detach() for k, g in grads.items()}
+                p = sgd_update(p, grads, rates)
+                if track_query:
+                    query_losses.append(self._query_loss(p, qx, qy))
+            zero = sx.new_zeros((0,), dtype=flat[0].dtype)
+            return (
+                *(p[k] for k in self.names),
+                torch.stack(step_losses) if step_losses else zero,
+                torch.cat(element_losses) if element_losses else zero,
+                torch.stack(query_losses) if query_losses else zero,
+            )
+
+        qx, qy = query if query is not None else (data[0], data[1])
+        return vmap(one_task, chunk_size=self.chunk_size, randomness="different")(
+            *data, qx, qy, *params
+        )
+
+
+class CheckpointedSegment(torch.autograd.Function):
+    """One segment of the inner loop, recomputed in backward (exact gradients, memory of
+    one segment's unroll instead of all of them).
+
+    Forward runs the segment without keeping its graph and saves only its inputs.
+    Backward re-runs it from those inputs with the graph (second order included) and
+    backpropagates the incoming output gradients through it to the segment's input
+    parameters and to the learned inner learning rates.
+    """
+
+    @staticmethod
+    def forward(ctx, runner, steps, query, data, num_params, *tensors):
+        ctx.runner, ctx.steps, ctx.query, ctx.data = runner, steps, query, data
+        ctx.num_params = num_params
+        ctx.save_for_backward(*tensors)
+        with torch.no_grad():
+            outs = runner.segment(
+                steps, query, data, list(tensors[:num_params]), list(tensors[num_params:])
+            )
+        return tuple(o.detach() for o in outs)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
+        n = ctx.num_params
+        with torch.enable_grad():
+            outs = ctx.runner.segment(ctx.steps, ctx.query, ctx.data, inputs[:n], inputs[n:])
+        pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(
+            torch.autograd.grad(
+                [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True
+            )
+            if pairs and wanted
+            else [None] * len(wanted)
+        )
+        return (
+            None,
+            None,
+            None,
+            None,
+            None,
+            *(next(grads) if t.requires_grad else None for t in inputs),
+        )
