@@ -33,6 +33,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reptile_gen.utils.json_io import write_json
+
 __all__ = [
     "CompareError",
     "Run",
@@ -534,7 +536,7 @@ def compare(
     missing = _jobs_without_metrics(dirs)
     summary["without_metrics"] = [str(d) for d in missing]
     summary["chart"] = str(chart)
-    js.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(js, summary)
     summary["table"] = table
     summary["files"] = [str(chart), str(md), str(js)]
     return summary

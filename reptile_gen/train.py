@@ -29,6 +29,7 @@ from reptile_gen.utils.runtime import (
     resolve_ckpt_path,
     restore_hydra_files_on_error,
 )
+from reptile_gen.utils.user_errors import record_divergence, report_errors
 from reptile_gen.utils.wandb_logging import log_report
 
 __all__ = ["train", "test_and_report", "main"]
@@ -134,7 +135,11 @@ def train(cfg: DictConfig) -> dict:
         if cfg.get("train", True):
             # weights_only=False: a run's checkpoint holds its config objects (a .ckpt is
             # a pickle: resume only trusted ones), which torch's default loader refuses
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+            try:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+            except Exception as err:  # a divergence leaves metrics.json saying so
+                record_divergence(err, out_dir / "metrics.json")
+                raise
         fit_seconds = time.perf_counter() - started
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.get("test", True):
@@ -157,6 +162,7 @@ def train(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@report_errors
 def main(cfg: DictConfig) -> float | None:
     return optimized_value(cfg, train(cfg))
 

@@ -1,0 +1,130 @@
+"""One line per user error: the entry points (train, eval, sample, compare) run their
+work through :func:`report_errors`, which turns an error a user can cause (a config
+value, a data file, a checkpoint, a run dir) into
+
+    error: <key>=<value>: <what is wrong>; <what is allowed>
+
+on stderr and exit status 2, a diverged training run (see
+:mod:`reptile_gen.inner_loop.core.guard`) into its one line and exit status 3, and
+Ctrl-C into exit status 130. ``HYDRA_FULL_ERROR=1`` or ``verbose=true`` re-raises with
+the full traceback instead.
+
+Exit codes: 0 done, 1 a bug (traceback), 2 a user error, 3 diverged, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable
+
+__all__ = [
+    "EXIT_DIVERGED",
+    "EXIT_INTERRUPTED",
+    "EXIT_USER_ERROR",
+    "UserError",
+    "report_errors",
+    "user_error_message",
+]
+
+log = logging.getLogger(__name__)
+
+EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+
+#: a message that starts by naming the value at fault: ``key=value...``
+_NAMES_A_KEY = re.compile(r"^\s*[A-Za-z_+~][\w.\[\]/+-]*=")
+
+
+class UserError(ValueError):
+    """An error the user can fix: the message starts ``key=value: what is wrong`` and
+    ends with what is allowed."""
+
+
+def user_error_message(err: BaseException) -> str | None:
+    """The message of ``err`` when it is a user error: a :class:`UserError`, or a
+    ``ValueError``/``TypeError``/``OSError`` whose message names a key (``key=...``),
+    also when wrapped by Hydra's instantiation (its cause chain is searched); else None."""
+    seen = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        message = str(current).strip()
+        if isinstance(current, OSError) and current.filename is not None and not message:
+            message = f"{current.filename}: {current.strerror}"
+        if isinstance(current, UserError):
+            return message
+        if isinstance(current, (ValueError, TypeError, OSError)) and _NAMES_A_KEY.match(message):
+            return message
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _verbose(args, kwargs) -> bool:
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return True
+    cfg = args[0] if args else kwargs.get("cfg")
+    try:
+        return bool(cfg.get("verbose", False))
+    except Exception:
+        return False
+
+
+def _say(line: str) -> None:
+    sys.stderr.write(line.rstrip() + "\n")
+    sys.stderr.flush()
+    log.debug("%s", line)
+
+
+def report_errors(func: Callable) -> Callable:
+    """Decorate an entry point's task function (under ``@hydra.main``): user errors,
+    divergence and Ctrl-C end the process with their one line and exit status (module
+    docstring); any other error propagates (a bug: Hydra prints its traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except KeyboardInterrupt:
+            if _verbose(args, kwargs):
+                raise
+            _say("interrupted (Ctrl-C)")
+            sys.exit(EXIT_INTERRUPTED)
+        except Exception as err:
+            if _verbose(args, kwargs):
+                raise
+            from reptile_gen.inner_loop.core.guard import as_diverged
+
+            diverged = as_diverged(err)
+            if diverged is not None:
+                _say(f"error: {diverged}")
+                sys.exit(EXIT_DIVERGED)
+            message = user_error_message(err)
+            if message is None:
+                raise
+            _say(f"error: {message}")
+            sys.exit(EXIT_USER_ERROR)
+
+    return wrapper
+
+
+def record_divergence(err: BaseException, metrics_path, extra: dict | None = None) -> bool:
+    """When ``err`` is (or wraps) a divergence, write ``metrics_path`` as
+    ``{"status": "diverged", "diverged_at_step": ..., ...}`` (rank zero only) and return
+    True; else write nothing and return False."""
+    from reptile_gen.inner_loop.core.guard import as_diverged
+
+    diverged = as_diverged(err)
+    if diverged is None:
+        return False
+    from pytorch_lightning.utilities import rank_zero_only
+
+    from reptile_gen.utils.json_io import write_json
+
+    if rank_zero_only.rank == 0:
+        write_json(metrics_path, {**(extra or {}), **diverged.as_record()})
+    return True
