@@ -26,6 +26,8 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_USER_ERROR",
     "UserError",
+    "as_diverged",
+    "record_divergence",
     "report_errors",
     "user_error_message",
 ]
@@ -97,8 +99,6 @@ def report_errors(func: Callable) -> Callable:
         except Exception as err:
             if _verbose(args, kwargs):
                 raise
-            from reptile_gen.inner_loop.core.guard import as_diverged
-
             diverged = as_diverged(err)
             if diverged is not None:
                 _say(f"error: {diverged}")
@@ -116,8 +116,6 @@ def record_divergence(err: BaseException, metrics_path, extra: dict | None = Non
     """When ``err`` is (or wraps) a divergence, write ``metrics_path`` as
     ``{"status": "diverged", "diverged_at_step": ..., ...}`` (rank zero only) and return
     True; else write nothing and return False."""
-    from reptile_gen.inner_loop.core.guard import as_diverged
-
     diverged = as_diverged(err)
     if diverged is None:
         return False
@@ -128,3 +126,39 @@ def record_divergence(err: BaseException, metrics_path, extra: dict | None = Non
     if rank_zero_only.rank == 0:
         write_json(metrics_path, {**(extra or {}), **diverged.as_record()})
     return True
+
+
+_SPAWNED = re.compile(r"Diverged: (diverged at meta-step (\d+): non-finite ([^;\n]+)[^\n]*)")
+
+
+class _SpawnedDivergence(ArithmeticError):
+    """A divergence reported by a spawned DDP rank (as its traceback text)."""
+
+    def __init__(self, line: str, meta_step: int, what: str) -> None:
+        super().__init__(line)
+        self.meta_step, self.what = meta_step, what
+
+    def as_record(self) -> dict:
+        return {
+            "status": "diverged",
+            "diverged_at_step": self.meta_step,
+            "diverged_value": self.what,
+            "error": str(self),
+        }
+
+
+def as_diverged(err: BaseException | None):
+    """``err`` as a divergence (:class:`~reptile_gen.inner_loop.core.guard.Diverged`,
+    recognised by its ``as_record``): itself, one in its cause chain, or one raised in a
+    spawned DDP rank (which reaches the main process as the rank's traceback text);
+    ``None`` for any other error."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if type(err).__name__ == "Diverged" and hasattr(err, "as_record"):
+            return err
+        match = _SPAWNED.search(str(err))
+        if match:
+            return _SpawnedDivergence(match.group(1), int(match.group(2)), match.group(3).strip())
+        err = err.__cause__ or err.__context__
+    return None

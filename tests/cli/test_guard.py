@@ -14,8 +14,9 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-from reptile_gen.inner_loop.core.guard import Diverged, DivergenceGuard, as_diverged
+from reptile_gen.inner_loop.core.guard import Diverged, DivergenceGuard
 from reptile_gen.utils.json_io import dumps, write_json
+from reptile_gen.utils.user_errors import as_diverged
 
 
 def test_guard_names_tasks_and_inner_step():

@@ -12,12 +12,11 @@ and no optimizer step (and so no checkpoint) ever holds a non-finite state.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable
 
 import torch
 
-__all__ = ["Diverged", "DivergenceGuard", "as_diverged", "describe_rates"]
+__all__ = ["Diverged", "DivergenceGuard", "describe_rates"]
 
 
 class Diverged(ArithmeticError):
@@ -35,6 +34,9 @@ class Diverged(ArithmeticError):
         if rates:
             parts.append(f"inner rates {rates}")
         super().__init__("; ".join(parts))
+
+    def __reduce__(self):  # picklable across DDP ranks with its fields
+        return (type(self), (self.what, self.meta_step, self.detail, self.rates))
 
     def as_record(self) -> dict:
         """The fields ``metrics.json`` keeps for a diverged run."""
@@ -123,24 +125,3 @@ class DivergenceGuard:
             names = [n for n, g in grads if not bool(torch.isfinite(g).all())]
             problem = ("meta-gradient", f"in {', '.join(names[:4])}")
         raise Diverged(problem[0], meta_step, problem[1], describe_rates(rates))
-
-
-_SPAWNED = re.compile(r"Diverged: (diverged at meta-step (\d+): non-finite ([^;\n]+)[^\n]*)")
-
-
-def as_diverged(err: BaseException) -> Diverged | None:
-    """``err`` as a :class:`Diverged` error: itself, one in its cause chain, or one
-    raised in a spawned DDP rank (which reaches the main process as the rank's
-    traceback text); ``None`` for any other error."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, Diverged):
-            return err
-        match = _SPAWNED.search(str(err))
-        if match:
-            found = Diverged(match.group(3).strip(), int(match.group(2)))
-            found.args = (match.group(1),)
-            return found
-        err = err.__cause__ or err.__context__
-    return None
