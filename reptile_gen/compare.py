@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reptile_gen.utils.json_io import write_json
+from reptile_gen.utils.user_errors import UserError
 
 __all__ = [
     "CompareError",
@@ -65,7 +66,7 @@ IGNORED_PREFIXES = (
 RANDOM_INIT = "random init"
 
 
-class CompareError(ValueError):
+class CompareError(UserError):
     """Nothing to compare (no runs found, or none with the metric); the message says why."""
 
 

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from reptile_gen import CONF_DIR
 from reptile_gen.utils.runtime import ConfigError
+from reptile_gen.utils.user_errors import report_errors
 
 __all__ = ["check_options", "sample", "main"]
 
@@ -199,7 +200,9 @@ def _run(cfg: DictConfig) -> None:
     sample(cfg)
 
 
-main = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")(_run)
+main = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")(
+    report_errors(_run)
+)
 main.__doc__ = "Entry point of `python -m reptile_gen.sample` and `reptile-gen-sample`."
 
 

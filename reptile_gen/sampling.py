@@ -34,6 +34,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from reptile_gen.inner_loop.base import masked_mean
+from reptile_gen.utils.user_errors import UserError
 
 __all__ = [
     "COMPLETE_KINDS",
@@ -66,7 +67,7 @@ END_TOKEN = 0
 _PLAIN_SGD = {"momentum": 0, "dampening": 0, "weight_decay": 0, "nesterov": False}
 
 
-class SamplingError(ValueError):
+class SamplingError(UserError):
     """A checkpoint or an option that sampling cannot work with; the message says why."""
 
 
@@ -120,7 +121,7 @@ def _check_temperature(temperature) -> float:
     ok = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
     if not ok or not math.isfinite(temperature) or temperature <= 0:
         raise SamplingError(
-            f"temperature={temperature!r}; must be a number > 0 (1.0: the model's own "
+            f"temperature={temperature!r}; must be a number > 0 and finite (1.0: the model's own "
             "distribution; smaller: closer to the most likely element)"
         )
     return float(temperature)

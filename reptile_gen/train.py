@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from reptile_gen import CONF_DIR
+from reptile_gen.utils.callbacks import fit_record
 from reptile_gen.utils.instantiate import build_run, build_trainer, write_metrics
 from reptile_gen.utils.runtime import (
     check_checkpoint_matches,
@@ -29,7 +30,7 @@ from reptile_gen.utils.runtime import (
     resolve_ckpt_path,
     restore_hydra_files_on_error,
 )
-from reptile_gen.utils.user_errors import record_divergence, report_errors
+from reptile_gen.utils.user_errors import check_run_values, record_divergence, report_errors
 from reptile_gen.utils.wandb_logging import log_report
 
 __all__ = ["train", "test_and_report", "main"]
@@ -127,9 +128,10 @@ def train(cfg: DictConfig) -> dict:
     """Fit and test one run described by ``cfg``; returns its test metrics."""
     out_dir = Path(cfg.paths.output_dir)
     with restore_hydra_files_on_error(out_dir):
+        check_run_values(cfg)
         check_config(cfg)
         ckpt_path, datamodule, module = setup_run(cfg, out_dir)
-    trainer, loggers = build_trainer(cfg)
+        trainer, loggers = build_trainer(cfg)
     try:
         started = time.perf_counter()
         if cfg.get("train", True):
@@ -154,7 +156,7 @@ def train(cfg: DictConfig) -> dict:
                 datamodule,
                 out_dir,
                 ckpt_path=best,
-                extra={"fit_seconds": round(fit_seconds, 2)},
+                extra=fit_record(trainer, fit_seconds),
             )
         return metrics
     finally:

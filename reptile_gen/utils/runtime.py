@@ -13,6 +13,8 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from reptile_gen.utils.user_errors import UserError, check_run_dir
+
 __all__ = [
     "LAST_CKPT",
     "CheckpointError",
@@ -31,7 +33,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value that is not allowed; the message names it and what is allowed."""
 
 
@@ -101,7 +103,7 @@ def check_lstm_baseline_has_no_inner_loop(algo: DictConfig) -> None:
 LAST_CKPT = Path("checkpoints") / "last.ckpt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used: unreadable, or not of the configured model."""
 
 
@@ -403,6 +405,8 @@ class RunDirSnapshot(Callback):
 
         subdir = OmegaConf.select(config, "hydra.output_subdir")
         run_dir = OmegaConf.select(config, "hydra.run.dir")
+        if run_dir is not None:
+            _exit_on_bad_run_dir(config, run_dir)
         if subdir is None or run_dir is None:
             return
         hydra_dir = Path(str(run_dir)) / str(subdir)
@@ -410,6 +414,14 @@ class RunDirSnapshot(Callback):
             _HYDRA_FILES[Path(str(run_dir)).resolve()] = {
                 p.resolve(): p.read_bytes() for p in hydra_dir.rglob("*") if p.is_file()
             }
+
+
+def _exit_on_bad_run_dir(config: DictConfig, run_dir) -> None:
+    """Hydra creates the run dir before any task code runs: an impossible one is a
+    one-line error (exit 2) here, not a traceback from pathlib."""
+    from reptile_gen.utils.user_errors import report_errors
+
+    report_errors(lambda cfg: check_run_dir(run_dir))(config)
 
 
 @contextmanager

@@ -26,6 +26,7 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_USER_ERROR",
     "UserError",
+    "quiet_console",
     "as_diverged",
     "record_divergence",
     "report_errors",
@@ -89,6 +90,7 @@ def report_errors(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        quiet_console()
         try:
             return func(*args, **kwargs)
         except KeyboardInterrupt:
@@ -162,3 +164,97 @@ def as_diverged(err: BaseException | None):
             return _SpawnedDivergence(match.group(1), int(match.group(2)), match.group(3).strip())
         err = err.__cause__ or err.__context__
     return None
+
+
+#: console lines that are known and harmless: still written to the run's train.log
+QUIET_ON_CONSOLE = (
+    ("py.warnings", ""),  # library deprecation warnings (Lightning, torch)
+    ("", "💡 Tip:"),  # Lightning's advert for its cloud logger, once per trainer
+    ("submitit", "Bypassing sacct error"),  # a Slurm without accounting, every poll
+    ("alembic", ""),  # Optuna's RDB storage setting up its tables
+)
+
+
+class _QuietConsole(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        for name, start in QUIET_ON_CONSOLE:
+            if name and not (record.name == name or record.name.startswith(name + ".")):
+                continue
+            if start and not str(record.msg).startswith(start):
+                continue
+            return False
+        return True
+
+
+def quiet_console() -> None:
+    """Keep known harmless lines (:data:`QUIET_ON_CONSOLE`) off the console: Python
+    warnings are routed through logging, and the root logger's console handlers drop
+    them, while its file handler (Hydra's ``<run dir>/train.log``) keeps everything."""
+    logging.captureWarnings(True)
+    root = logging.getLogger()
+    files = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
+    for name in ("", "pytorch_lightning", "lightning_fabric", "lightning"):
+        logger = logging.getLogger(name) if name else root
+        for handler in logger.handlers:
+            is_file = isinstance(handler, logging.FileHandler)
+            if isinstance(handler, logging.StreamHandler) and not is_file:
+                if not any(isinstance(f, _QuietConsole) for f in handler.filters):
+                    handler.addFilter(_QuietConsole())
+        # Lightning's loggers print on their own (no propagation): train.log gets them too
+        if name and not logger.propagate and logger.handlers:
+            for handler in files:
+                if handler not in logger.handlers:
+                    logger.addHandler(handler)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_run_values(cfg, training: bool = True) -> None:
+    """Values that Lightning or torch would only reject deep inside (or not at all),
+    checked before anything is built: ``seed``, and with ``training`` the trainer's
+    step counts. A :class:`UserError` naming the key."""
+    seed = cfg.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise UserError(f"seed={seed!r}: not an integer; allowed: an integer, e.g. seed=0")
+    trainer = cfg.get("trainer") or {}
+    if not training or not cfg.get("train", True):
+        return
+    steps = trainer.get("max_steps")
+    if not _is_int(steps) or steps == 0 or steps < -1:
+        hint = " (to only test a checkpoint: train=false ckpt_path=<file>)" if steps == 0 else ""
+        raise UserError(
+            f"trainer.max_steps={steps!r}: the number of meta-steps to train; allowed: an "
+            f"integer >= 1{hint}"
+        )
+    every = trainer.get("val_check_interval")
+    if every is not None and (not _is_int(every) or every < 1):
+        raise UserError(
+            f"trainer.val_check_interval={every!r}: validate every this many meta-steps "
+            "(the task stream has no epochs); allowed: an integer >= 1, or null (no "
+            "validation during training)"
+        )
+    log_every = trainer.get("log_every_n_steps")
+    if log_every is not None and (not _is_int(log_every) or log_every < 1):
+        raise UserError(f"trainer.log_every_n_steps={log_every!r}: allowed: an integer >= 1")
+
+
+def check_run_dir(run_dir) -> None:
+    """A run dir that can be created and written (checked before Hydra creates it)."""
+    from pathlib import Path
+
+    path = Path(str(run_dir)).expanduser()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    problem = None
+    if probe.exists() and not probe.is_dir():
+        problem = f"{str(probe)!r} is a file, not a directory"
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        problem = f"{str(probe)!r} is not writable"
+    if problem:
+        raise UserError(
+            f"hydra.run.dir={str(run_dir)!r}: cannot create the run dir ({problem}); "
+            "allowed: a directory path you can write to"
+        )
