@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import re
 import sys
@@ -67,6 +68,24 @@ def user_error_message(err: BaseException) -> str | None:
     return None
 
 
+def _sweep_direction() -> str | None:
+    """None outside a Hydra multirun; else the sweeper's direction (``minimize`` or
+    ``maximize``), or ``""`` for a sweeper that does not optimise (the basic one)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+            return None
+        sweeper = HydraConfig.get().sweeper
+        target = str(sweeper.get("_target_", ""))
+    except Exception:
+        return None
+    if not target or target.endswith(".BasicSweeper"):
+        return ""
+    return str(sweeper.get("direction", "minimize")).rsplit(".", 1)[-1]
+
+
 def _verbose(args, kwargs) -> bool:
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         return True
@@ -104,7 +123,15 @@ def report_errors(func: Callable) -> Callable:
             diverged = as_diverged(err)
             if diverged is not None:
                 _say(f"error: {diverged}")
-                sys.exit(EXIT_DIVERGED)
+                in_sweep = _sweep_direction()
+                if in_sweep is None:
+                    sys.exit(EXIT_DIVERGED)
+                # a sweep goes on: the job's metrics.json says diverged; a sweeper that
+                # optimises gets the worst value (Hydra's Optuna sweeper ends the whole
+                # study on a failed or NaN job), the basic sweeper nothing
+                if in_sweep == "":
+                    return None
+                return math.inf if in_sweep != "maximize" else -math.inf
             message = user_error_message(err)
             if message is None:
                 raise

@@ -89,3 +89,31 @@ def test_diverging_run_exits_3_with_one_line(tmp_path):
     assert metrics["status"] == "diverged" and metrics["diverged_at_step"] == 0
     # no checkpoint of the non-finite state
     assert not list(run_dir.glob("checkpoints/*.ckpt"))
+
+
+def test_diverging_jobs_of_a_sweep_are_recorded_and_the_sweep_goes_on(tmp_path):
+    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reptile_gen.train",
+            "-m",
+            "experiment=sine_maml",
+            "algorithm.inner_lr=1e6",
+            "trainer.max_steps=5",
+            "trainer.enable_progress_bar=false",
+            "seed=0,1",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("error: diverged at meta-step 0") == 2
+    for job in ("0", "1"):
+        assert json.loads((tmp_path / job / "metrics.json").read_text())["status"] == "diverged"
