@@ -400,6 +400,11 @@ class RunDirSnapshot(Callback):
     requeued job repeats its own command, so its files come out the same.
     """
 
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from reptile_gen.utils.user_errors import exit_if_jobs_failed
+
+        exit_if_jobs_failed()  # a job with a user error makes the sweep exit 2
+
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         from omegaconf import OmegaConf
 

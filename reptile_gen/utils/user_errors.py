@@ -27,6 +27,7 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_USER_ERROR",
     "UserError",
+    "exit_if_jobs_failed",
     "quiet_console",
     "as_diverged",
     "record_divergence",
@@ -86,6 +87,34 @@ def _sweep_direction() -> str | None:
     return str(sweeper.get("direction", "minimize")).rsplit(".", 1)[-1]
 
 
+#: the user errors of this process's sweep jobs (see :func:`exit_if_jobs_failed`)
+FAILED_JOBS: list[str] = []
+
+
+def _in_local_sweep() -> bool:
+    """A multirun whose jobs run in this process (Hydra's basic launcher and sweeper)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+            return False
+        hydra_cfg = HydraConfig.get()
+        launcher = str((hydra_cfg.get("launcher") or {}).get("_target_", ""))
+    except Exception:
+        return False
+    return launcher.endswith(".BasicLauncher") and _sweep_direction() == ""
+
+
+def exit_if_jobs_failed() -> None:
+    """At the end of a local sweep: exit with status 2 when a job had a user error
+    (each already printed its line), after every job has run."""
+    if FAILED_JOBS:
+        failed, FAILED_JOBS[:] = len(FAILED_JOBS), []
+        _say(f"error: {failed} job(s) of this sweep failed (their lines above)")
+        sys.exit(EXIT_USER_ERROR)
+
+
 def _verbose(args, kwargs) -> bool:
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         return True
@@ -136,6 +165,10 @@ def report_errors(func: Callable) -> Callable:
             if message is None:
                 raise
             _say(f"error: {message}")
+            if _in_local_sweep():
+                # the sweep's other jobs still run; the sweep exits 2 at its end
+                FAILED_JOBS.append(message)
+                return None
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper

@@ -226,7 +226,8 @@ def test_compare_bad_input_exits_2(args, files, capsys):
 
 
 def test_sweep_with_one_bad_job(tmp_path):
-    """``-m seed=0,abc``: the first job runs, the second stops the sweep with its line."""
+    """``-m seed=abc,0``: the bad job prints its line, the good one still runs, and the
+    sweep exits 2."""
     env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
     env.pop("HYDRA_FULL_ERROR", None)
     proc = subprocess.run(
@@ -238,7 +239,7 @@ def test_sweep_with_one_bad_job(tmp_path):
             *TINY,
             "trainer.max_steps=1",
             "test=false",
-            "seed=0,abc",
+            "seed=abc,0",
             f"hydra.sweep.dir={tmp_path / 'sweep'}",
         ],
         cwd=REPO_ROOT,
@@ -249,4 +250,5 @@ def test_sweep_with_one_bad_job(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "error: seed='abc'" in proc.stderr and "Traceback" not in proc.stderr
-    assert (tmp_path / "sweep" / "0" / "checkpoints" / "last.ckpt").is_file()
+    assert "1 job(s) of this sweep failed" in proc.stderr
+    assert (tmp_path / "sweep" / "1" / "checkpoints" / "last.ckpt").is_file()
