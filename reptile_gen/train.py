@@ -50,7 +50,10 @@ def test_and_report(
     test tasks, write ``out_dir/metrics.json`` (the ``test/`` metrics plus ``extra``) and
     the task's plots (``datamodule.write_report``); returns the metrics written."""
     out_dir = Path(out_dir)
-    trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+    # verbose=False: no table of every test metric (they are in metrics.json)
+    trainer.test(
+        module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False, verbose=False
+    )
     extra = (
         {**datamodule.metrics_extra(), **(extra or {})}
         if hasattr(datamodule, "metrics_extra")

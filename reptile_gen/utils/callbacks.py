@@ -380,6 +380,19 @@ class StepProgressBar(TQDMProgressBar):
         bar.last_print_n = trainer.global_step
         bar.set_description("meta-step")
 
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        shown = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith("val/") and not k.endswith("_ci95")
+        }
+        if shown:  # one line per validation, on the console and in train.log
+            text = ", ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items()))
+            log.info("meta-step %d: %s", trainer.global_step, text)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         bar = self.train_progress_bar
         if bar is None or trainer.max_steps is None or trainer.max_steps < 0:

@@ -232,6 +232,13 @@ QUIET_ON_CONSOLE = (
     ("", "💡 Tip:"),  # Lightning's advert for its cloud logger, once per trainer
     ("submitit", "Bypassing sacct error"),  # a Slurm without accounting, every poll
     ("alembic", ""),  # Optuna's RDB storage setting up its tables
+    # Lightning's per-run notes (the seed and run dir are in the config and train.log)
+    ("", "Seed set to"),
+    ("", "GPU available:"),
+    ("", "TPU available:"),
+    ("", "`Trainer.fit` stopped:"),
+    ("", "Restoring states from the checkpoint path"),
+    ("", "Loaded model weights from the checkpoint"),
 )
 
 
