@@ -424,9 +424,9 @@ class RunDirSnapshot(Callback):
 def _exit_on_bad_run_dir(config: DictConfig, run_dir) -> None:
     """Hydra creates the run dir before any task code runs: an impossible one is a
     one-line error (exit 2) here, not a traceback from pathlib."""
-    from reptile_gen.utils.user_errors import report_errors
+    from reptile_gen.utils.user_errors import exit_on_user_error
 
-    report_errors(lambda cfg: check_run_dir(run_dir))(config)
+    exit_on_user_error(check_run_dir, run_dir)
 
 
 @contextmanager

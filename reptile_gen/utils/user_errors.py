@@ -28,6 +28,7 @@ __all__ = [
     "EXIT_USER_ERROR",
     "UserError",
     "exit_if_jobs_failed",
+    "exit_on_user_error",
     "quiet_console",
     "as_diverged",
     "record_divergence",
@@ -305,6 +306,18 @@ def check_run_values(cfg, training: bool = True) -> None:
     log_every = trainer.get("log_every_n_steps")
     if log_every is not None and (not _is_int(log_every) or log_every < 1):
         raise UserError(f"trainer.log_every_n_steps={log_every!r}: allowed: an integer >= 1")
+
+
+def exit_on_user_error(func: Callable, *args) -> None:
+    """Call ``func(*args)``; a :class:`UserError` prints its line and exits 2 (for checks
+    that run outside an entry point's task function, e.g. in a Hydra callback)."""
+    try:
+        func(*args)
+    except UserError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        _say(f"error: {err}")
+        sys.exit(EXIT_USER_ERROR)
 
 
 def check_run_dir(run_dir) -> None:
