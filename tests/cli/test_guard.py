@@ -117,3 +117,34 @@ def test_diverging_jobs_of_a_sweep_are_recorded_and_the_sweep_goes_on(tmp_path):
     assert proc.stderr.count("error: diverged at meta-step 0") == 2
     for job in ("0", "1"):
         assert json.loads((tmp_path / job / "metrics.json").read_text())["status"] == "diverged"
+
+
+def test_diverging_ddp_run_exits_3(tmp_path):
+    """Under trainer=ddp_cpu the spawned ranks raise at the same meta-step (the check
+    follows the meta-gradient's all-reduce); the main process prints the line."""
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reptile_gen.train",
+            "experiment=sine_maml",
+            "trainer=ddp_cpu",
+            "algorithm.inner_lr=1e6",
+            "trainer.max_steps=5",
+            "task.num_val_tasks=4",
+            "task.num_test_tasks=4",
+            "trainer.enable_progress_bar=false",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "error: diverged at meta-step 0" in proc.stdout + proc.stderr
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "diverged"

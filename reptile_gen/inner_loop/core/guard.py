@@ -102,7 +102,8 @@ class DivergenceGuard:
         tasks, step, value = _first_bad(losses)
         if losses.dim() >= 2:
             shown = tasks[:8] + (["..."] if len(tasks) > 8 else [])
-            detail = f"{value} at inner step {step} of tasks {shown} (of this rank's meta-batch)"
+            where = f"at inner step {step} " if losses.shape[1] > 1 else ""
+            detail = f"{value} {where}of tasks {shown} (of this rank's meta-batch)"
         else:
             detail = f"value {value}"
         self._problem = (what, detail)
