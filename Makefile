@@ -31,11 +31,13 @@ install: $(STAMP) ## create .venv and install the package (torch pinned, CPU whe
 train: $(STAMP) ## run the main job (text generation, ~10 min on 2 cores); extra Hydra overrides via ARGS="..."
 	$(PY) -m reptile_gen.train $(TRAIN_JOB) $(ARGS)
 
-test: $(STAMP) slurm-up ## the CI suite (fast; slow tests excluded)
+test: $(STAMP) slurm-up ## the CI suite (fast; slow tests excluded); as root first starts a local Slurm cluster (slurm-up; apt-installs slurm-wlm, munge), stop it with `make slurm-down`
 	$(PY) -m pytest -q $(ARGS)
+	@echo "the local Slurm test cluster (if started) keeps running: make slurm-down stops it"
 
-test-full: $(STAMP) slurm-up ## every test, slow ones included
+test-full: $(STAMP) slurm-up ## every test, slow ones included (starts the Slurm cluster as `make test` does)
 	$(PY) -m pytest -q -m "" $(ARGS)
+	@echo "the local Slurm test cluster (if started) keeps running: make slurm-down stops it"
 
 bench: $(STAMP) ## every benchmark workload, quick mode (~15 min), JSON in benchmarks/results/
 	$(PY) -m benchmarks.run $(ARGS)
@@ -43,12 +45,13 @@ bench: $(STAMP) ## every benchmark workload, quick mode (~15 min), JSON in bench
 bench-full: $(STAMP) ## every benchmark workload in full (more repeats, whole sequences: hours)
 	$(PY) -m benchmarks.run --full $(ARGS)
 
-# The Slurm tests need a cluster: as root this installs slurm-wlm and munge (apt) and starts
-# a one-node cluster on localhost; otherwise it says why and the Slurm tests skip.
-slurm-up: ## start the one-node Slurm cluster of the tests (root; installs slurm-wlm, munge)
+# The Slurm tests need a cluster: as root this installs slurm-wlm and munge (apt; it says so
+# before, SLURM_CLUSTER_INSTALL=0 skips the install) and starts a one-node cluster on
+# localhost; otherwise it says why and the Slurm tests skip. `make slurm-down` stops it.
+slurm-up: ## start the one-node Slurm cluster of the tests (root; apt-installs slurm-wlm, munge; SLURM_CLUSTER_INSTALL=0: never)
 	bash scripts/slurm_cluster.sh start --if-possible
 
-slurm-down: ## stop that cluster
+slurm-down: ## stop the Slurm cluster that `make test` / `make slurm-up` started
 	bash scripts/slurm_cluster.sh stop
 
 lint: $(STAMP) ## ruff lint and format check

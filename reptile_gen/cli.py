@@ -52,7 +52,10 @@ def test_and_report(trainer, module, datamodule, out_dir, ckpt_path=None, extra=
     from reptile_gen.utils.wandb_logging import log_report
 
     out_dir = Path(out_dir)
-    trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+    # verbose=False: no table of every test metric (they are in metrics.json)
+    trainer.test(
+        module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False, verbose=False
+    )
     extra = (
         {**datamodule.metrics_extra(), **(extra or {})}
         if hasattr(datamodule, "metrics_extra")

@@ -33,6 +33,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reptile_gen.utils.json_io import write_json
+from reptile_gen.utils.user_errors import UserError
+
 __all__ = [
     "CompareError",
     "Run",
@@ -63,7 +66,7 @@ IGNORED_PREFIXES = (
 RANDOM_INIT = "random init"
 
 
-class CompareError(ValueError):
+class CompareError(UserError):
     """Nothing to compare (no runs found, or none with the metric); the message says why."""
 
 
@@ -557,7 +560,7 @@ def compare(
     missing = _jobs_without_metrics(dirs)
     summary["without_metrics"] = [str(d) for d in missing]
     summary["chart"] = str(chart)
-    js.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(js, summary)
     summary["table"] = table
     summary["files"] = [str(chart), str(md), str(js)]
     return summary

@@ -28,8 +28,6 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-# light imports only at module level: torch and Lightning are imported once the inputs
-# are checked, so a wrong command line fails fast
 from reptile_gen import CONF_DIR
 from reptile_gen.cli import (
     apply_overrides,
@@ -48,6 +46,10 @@ from reptile_gen.utils.runtime import (
     load_checkpoint,
     optimized_value,
 )
+
+# light imports only at module level: torch and Lightning are imported once the inputs
+# are checked, so a wrong command line fails fast
+from reptile_gen.utils.user_errors import report_errors
 
 __all__ = [
     "CheckpointError",
@@ -101,6 +103,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
 
 @exit_on_moved_overrides
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+@report_errors
 def main(cfg: DictConfig) -> float | None:
     return optimized_value(cfg, evaluate(cfg))
 

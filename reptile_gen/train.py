@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from reptile_gen import CONF_DIR
 from reptile_gen.cli import test_and_report
+from reptile_gen.utils.callbacks import fit_record
 from reptile_gen.utils.config_compat import exit_on_moved_overrides
 from reptile_gen.utils.instantiate import build_run, build_trainer
 from reptile_gen.utils.runtime import (
@@ -29,6 +30,7 @@ from reptile_gen.utils.runtime import (
     resolve_ckpt_path,
     restore_hydra_files_on_error,
 )
+from reptile_gen.utils.user_errors import check_run_values, record_divergence, report_errors
 
 __all__ = ["train", "test_and_report", "main"]
 
@@ -68,15 +70,20 @@ def train(cfg: DictConfig) -> dict:
     """Fit and test one run described by ``cfg``; returns its test metrics."""
     out_dir = Path(cfg.paths.output_dir)
     with restore_hydra_files_on_error(out_dir):
+        check_run_values(cfg)
         check_config(cfg)
         ckpt_path, datamodule, module = setup_run(cfg, out_dir)
-    trainer, loggers = build_trainer(cfg)
+        trainer, loggers = build_trainer(cfg)
     try:
         started = time.perf_counter()
         if cfg.get("train", True):
             # weights_only=False: a run's checkpoint holds its config objects (a .ckpt is
             # a pickle: resume only trusted ones), which torch's default loader refuses
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+            try:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+            except Exception as err:  # a divergence leaves metrics.json saying so
+                record_divergence(err, out_dir / "metrics.json")
+                raise
         fit_seconds = time.perf_counter() - started
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.get("test", True):
@@ -91,7 +98,7 @@ def train(cfg: DictConfig) -> dict:
                 datamodule,
                 out_dir,
                 ckpt_path=best,
-                extra={"fit_seconds": round(fit_seconds, 2)},
+                extra=fit_record(trainer, fit_seconds),
             )
         return metrics
     finally:
@@ -100,6 +107,7 @@ def train(cfg: DictConfig) -> dict:
 
 @exit_on_moved_overrides
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@report_errors
 def main(cfg: DictConfig) -> float | None:
     return optimized_value(cfg, train(cfg))
 

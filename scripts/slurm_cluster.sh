@@ -6,7 +6,8 @@
 #   scripts/slurm_cluster.sh stop                    stop the daemons this script started
 #   scripts/slurm_cluster.sh status                  daemons and `sinfo`; exit 0 when up
 #
-# Debian's slurm-wlm and munge are installed with apt-get when missing. Daemons need root:
+# Debian's slurm-wlm and munge are installed with apt-get when missing (it says so first;
+# SLURM_CLUSTER_INSTALL=0 never installs). Daemons need root:
 # as another user `start` says what to do and exits 2; with --if-possible (what `make test`
 # uses) it prints the reason, records it for the tests' skip message and exits 0, so the
 # suite runs and the Slurm tests skip. A cluster that should start (root, packages present)
@@ -71,7 +72,12 @@ install_packages() {
     [[ ${#missing[@]} -eq 0 ]] && return 0
     command -v apt-get >/dev/null ||
         cannot "${missing[*]} not installed and no apt-get (install Slurm and munge by hand)"
-    log "installing slurm-wlm and munge with apt-get (missing: ${missing[*]})"
+    [[ "${SLURM_CLUSTER_INSTALL:-1}" == 0 ]] &&
+        cannot "${missing[*]} not installed and SLURM_CLUSTER_INSTALL=0 (no apt-get install)"
+    log "installing the system packages slurm-wlm and munge with apt-get (missing:" \
+        "${missing[*]}): the Slurm tests (tests/cli/test_slurm.py) submit jobs to a" \
+        "one-node cluster on localhost. SLURM_CLUSTER_INSTALL=0 skips this (the Slurm" \
+        "tests then skip); \`make slurm-down\` stops the cluster afterwards"
     if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
         slurm-wlm munge; } >"$STATE_DIR/apt.log" 2>&1; then
         tail -5 "$STATE_DIR/apt.log" >&2

@@ -16,6 +16,7 @@ from torch import nn
 from reptile_gen.data.task_batch import TaskBatch
 from reptile_gen.data.task_spec import TaskSpec
 from reptile_gen.inner_loop import InnerLoopEngine, InnerLR, InnerSchedule, make_engine
+from reptile_gen.inner_loop.core.guard import DivergenceGuard
 from reptile_gen.inner_loop.core.losses import loss_kind
 from reptile_gen.utils.stats import mean_and_ci95
 from reptile_gen.utils.step_logs import RunningMeans, is_logging_step
@@ -190,6 +191,8 @@ class MetaLearner(pl.LightningModule):
         # Seeded like the run, so a re-evaluated checkpoint rebuilds the same ones.
         self._initial_state = copy.deepcopy(model.state_dict())
         self._eval_outputs: dict[str, list[torch.Tensor]] = {}
+        # the first non-finite training value stops the run (inner_loop/core/guard.py)
+        self.divergence_guard = DivergenceGuard()
 
     # ------------------------------------------------------------------ inner loop
     def loss_fn(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -212,7 +215,7 @@ class MetaLearner(pl.LightningModule):
         **kwargs,
     ):
         """Run the configured engine on ``batch`` (see :class:`InnerLoopEngine.run`)."""
-        return self.engine.run(
+        result = self.engine.run(
             model if model is not None else self.model,
             batch,
             self.loss_fn,
@@ -221,6 +224,10 @@ class MetaLearner(pl.LightningModule):
             grad_mode,
             **kwargs,
         )
+        if self.training:
+            self.divergence_guard.check_losses("inner loss", result.step_losses)
+            self.divergence_guard.check_losses("query loss", result.query_losses)
+        return result
 
     def objective_loss(self, result, batch: TaskBatch) -> torch.Tensor:
         """The meta-objective of one inner loop over a meta-batch.
@@ -241,6 +248,7 @@ class MetaLearner(pl.LightningModule):
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> torch.Tensor:
         loss, logs = self.meta_loss(batch)
+        self.divergence_guard.check_losses("meta-loss", loss)
         values = {"train/meta_loss": loss, **{f"train/{k}": v for k, v in logs.items()}}
         if self.inner_lr.learned == "scalar":
             values["train/inner_lr"] = self.inner_lr.scalar
@@ -250,6 +258,11 @@ class MetaLearner(pl.LightningModule):
             for key, mean in self._train_means.pop().items():
                 self.log(key, mean, prog_bar=key == "train/meta_loss", sync_dist=True)
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.divergence_guard.check_before_step(
+            self.named_parameters(), self.global_step, self.inner_lr
+        )
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.parameters())

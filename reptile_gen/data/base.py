@@ -58,12 +58,34 @@ class TaskDataModule(pl.LightningDataModule):
         world_size = trainer.world_size if trainer else 1
         if world_size == 1:
             return DataLoader(batches, batch_size=None)
+        batches = split_for_ranks(batches, world_size)
         sampler = HeldOutShard(batches, trainer.global_rank, world_size)
         return DataLoader(batches, batch_size=None, sampler=sampler)
 
     def metrics_extra(self) -> dict:
         """Provenance recorded in ``metrics.json`` (e.g. a corpus hash)."""
         return {}
+
+
+def split_for_ranks(batches: Dataset, world_size: int) -> Dataset:
+    """``batches`` with each batch cut into contiguous task slices when there are fewer
+    batches than ranks, so that every rank gets a share (Lightning refuses an empty
+    validation or test loader on one rank); the tasks and their order are unchanged."""
+    if len(batches) >= world_size:
+        return batches
+    parts = -(-world_size // max(len(batches), 1))
+    pieces = []
+    for batch in (batches[i] for i in range(len(batches))):
+        for share in (shard_range(batch.num_tasks, k, parts) for k in range(parts)):
+            if len(share):
+                pieces.append(batch[share.start : share.stop])
+    if len(pieces) < world_size:
+        raise ValueError(
+            f"trainer.devices={world_size}: the held-out set has only {len(pieces)} tasks, "
+            "fewer than the ranks; allowed: task.num_val_tasks and task.num_test_tasks >= "
+            "the number of ranks"
+        )
+    return pieces
 
 
 class HeldOutShard(DistributedSampler):

@@ -44,8 +44,14 @@ def load_lines(path: str | Path | None) -> tuple[list[str], str]:
     else:
         path = Path(str(path)).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"task.path={str(path)!r}: no such text file")
+            what = "a directory, not a text file" if path.is_dir() else "no such text file"
+            raise FileNotFoundError(f"task.path={str(path)!r}: {what}; allowed: a UTF-8 file")
         raw = path.read_bytes()
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise ValueError(
+                f"task.path={str(path)!r} is UTF-16 text; allowed: UTF-8 (convert it: "
+                "iconv -f UTF-16 -t UTF-8)"
+            )
         if b"\x00" in raw:
             raise ValueError(
                 f"task.path={str(path)!r} contains NUL bytes: not a text file "

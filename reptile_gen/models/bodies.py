@@ -17,7 +17,9 @@ ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiL
 def _check_sizes(hidden_sizes) -> list[int]:
     sizes = [int(h) for h in hidden_sizes]
     if not sizes or any(h < 1 for h in sizes):
-        raise ValueError(f"model.hidden_sizes={list(hidden_sizes)}: need one or more sizes >= 1")
+        raise ValueError(
+            f"model.body.hidden_sizes={list(hidden_sizes)}: need one or more sizes >= 1"
+        )
     return sizes
 
 

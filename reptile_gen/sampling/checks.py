@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from reptile_gen.inner_loop import ENGINES
+from reptile_gen.utils.errors import UserError
 
 __all__ = ["SamplingError", "check_num_samples", "check_sampleable", "check_temperature"]
 
@@ -14,7 +15,7 @@ _PLAIN_SGD = {"momentum": 0, "dampening": 0, "weight_decay": 0, "nesterov": Fals
 SAMPLED_KINDS = ("text", "image")
 
 
-class SamplingError(ValueError):
+class SamplingError(UserError):
     """A checkpoint or an option that sampling cannot work with; the message says why."""
 
 
@@ -83,7 +84,7 @@ def check_temperature(temperature) -> float:
     ok = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
     if not ok or not math.isfinite(temperature) or temperature <= 0:
         raise SamplingError(
-            f"temperature={temperature!r}; must be a number > 0 (1.0: the model's own "
+            f"temperature={temperature!r}; must be a number > 0 and finite (1.0: the model's own "
             "distribution; smaller: closer to the most likely element)"
         )
     return float(temperature)

@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
+from reptile_gen.utils.user_errors import EXIT_USER_ERROR
+
 __all__ = [
     "ENGINE_KEYS",
     "MOVED_KEYS",
@@ -195,7 +197,8 @@ def find_moved_override(overrides) -> str | None:
 def exit_on_moved_overrides(main: Callable) -> Callable:
     """Wrap a Hydra entry point: an old engine key on the command line (which Hydra would
     refuse with a multi-line composition error) prints the one line of
-    :func:`explain_moved_key` to stderr and exits with status 1 before Hydra runs."""
+    :func:`explain_moved_key` to stderr and exits with status 2 (a user error) before Hydra
+    runs."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -203,7 +206,7 @@ def exit_on_moved_overrides(main: Callable) -> Callable:
             line = find_moved_override(sys.argv[1:])
             if line:
                 print(line, file=sys.stderr)
-                raise SystemExit(1)
+                raise SystemExit(EXIT_USER_ERROR)
         return main(*args, **kwargs)
 
     return wrapper

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
+from reptile_gen.utils.json_io import write_json
 from reptile_gen.utils.slurm import cluster_plugins
 from reptile_gen.utils.wandb_logging import instantiate_wandb_logger, is_wandb
 
@@ -128,8 +128,7 @@ def write_metrics(metrics: dict, path: str | Path, extra: dict | None = None) ->
     flat.update(extra or {})
     if rank_zero_only.rank != 0:
         return flat
-    path = Path(path)
-    path.write_text(json.dumps(dict(sorted(flat.items())), indent=2) + "\n")
+    path = write_json(path, dict(sorted(flat.items())))
     log.info("wrote %s", path)
     return flat
 

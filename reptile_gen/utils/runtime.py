@@ -14,6 +14,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from reptile_gen.utils.errors import CheckpointError, ConfigError
+from reptile_gen.utils.user_errors import check_run_dir
 
 __all__ = [
     "LAST_CKPT",
@@ -418,11 +419,18 @@ class RunDirSnapshot(Callback):
     requeued job repeats its own command, so its files come out the same.
     """
 
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from reptile_gen.utils.user_errors import exit_if_jobs_failed
+
+        exit_if_jobs_failed()  # a job with a user error makes the sweep exit 2
+
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         from omegaconf import OmegaConf
 
         subdir = OmegaConf.select(config, "hydra.output_subdir")
         run_dir = OmegaConf.select(config, "hydra.run.dir")
+        if run_dir is not None:
+            _exit_on_bad_run_dir(config, run_dir)
         if subdir is None or run_dir is None:
             return
         hydra_dir = Path(str(run_dir)) / str(subdir)
@@ -430,6 +438,14 @@ class RunDirSnapshot(Callback):
             _HYDRA_FILES[Path(str(run_dir)).resolve()] = {
                 p.resolve(): p.read_bytes() for p in hydra_dir.rglob("*") if p.is_file()
             }
+
+
+def _exit_on_bad_run_dir(config: DictConfig, run_dir) -> None:
+    """Hydra creates the run dir before any task code runs: an impossible one is a
+    one-line error (exit 2) here, not a traceback from pathlib."""
+    from reptile_gen.utils.user_errors import exit_on_user_error
+
+    exit_on_user_error(check_run_dir, run_dir)
 
 
 @contextmanager

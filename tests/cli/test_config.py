@@ -379,5 +379,5 @@ def test_an_old_override_on_the_command_line_is_one_line(tmp_path, module, overr
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.strip() == line

@@ -344,3 +344,49 @@ def test_ddp_relaunching_the_command_line_in_a_local_sweep_is_a_config_error(str
         OmegaConf.set_readonly(cfg.hydra, False)
         cfg.hydra.mode = RunMode.RUN
         HydraConfig.instance().set_config(cfg)
+
+
+def test_split_for_ranks_gives_every_rank_tasks_in_order():
+    from reptile_gen.data.base import split_for_ranks
+
+    batch = TaskBatch(support_x=torch.arange(5.0).reshape(5, 1, 1), support_y=torch.zeros(5, 1, 1))
+    pieces = split_for_ranks([batch], 2)
+    assert [p.num_tasks for p in pieces] == [3, 2]
+    assert torch.cat([p.support_x for p in pieces]).reshape(-1).tolist() == [0, 1, 2, 3, 4]
+    assert split_for_ranks([batch, batch], 2) == [batch, batch]
+    with pytest.raises(ValueError, match="trainer.devices=8"):
+        split_for_ranks([batch], 8)
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        ["task=sine", "task.num_val_tasks=6", "task.num_test_tasks=6"],
+        ["experiment=text_quick", "task.num_val_tasks=4", "task.num_test_tasks=4"],
+        ["experiment=digits_maml", "task.num_val_tasks=4", "task.num_test_tasks=4"],
+    ],
+    ids=["sine", "text", "digits"],
+)
+def test_cli_ddp_cpu_with_the_tasks_eval_batches(task, tmp_path):
+    """``trainer=ddp_cpu`` with each task's own ``eval_batch_size`` (not debug=fast): the
+    held-out sets fit in one batch, which is cut so that no rank's loader is empty."""
+    run_dir = tmp_path / "run"
+    check(
+        run_cli(
+            [
+                "-m",
+                "reptile_gen.train",
+                *task,
+                "trainer=ddp_cpu",
+                "trainer.max_steps=2",
+                "trainer.val_check_interval=2",
+                "trainer.enable_progress_bar=false",
+                "algorithm.eval_inner_steps=2",
+                f"hydra.run.dir={run_dir}",
+            ],
+            tmp_path,
+            timeout=500,
+        )
+    )
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert any(k.startswith("test/") for k in metrics), metrics

@@ -147,7 +147,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(killed_and_resumed):
             assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
     metrics = json.loads((killed / "metrics.json").read_text())
     expected = json.loads((full / "metrics.json").read_text())
-    metrics.pop("fit_seconds"), expected.pop("fit_seconds")
+    for key in ("fit_seconds", "segments"):
+        metrics.pop(key), expected.pop(key)
     assert "test/mse_step_3" in metrics
     assert metrics == expected
 
@@ -164,15 +165,62 @@ def test_resumed_run_keeps_the_validation_history(killed_and_resumed):
         return Path(state["best_model_path"]).name, float(state["best_model_score"])
 
     assert best(killed) == best(full)
-    rows = (killed / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
-    header = rows[0].split(",")
-    val_steps = [
-        int(r.split(",")[header.index("step")])
-        for r in rows[1:]
-        if r.split(",")[header.index("val/loss")]
-    ]
-    # (logs before the SIGKILL were still buffered by the CSV logger and died with it)
-    assert val_steps == [39, 49]
+
+
+def csv_rows(run_dir: Path) -> list[dict]:
+    import csv
+
+    with open(run_dir / "csv" / "version_0" / "metrics.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_resumed_run_keeps_every_logged_row(killed_and_resumed):
+    """metrics.csv is appended to across the kill: rows up to the checkpoint were flushed
+    with it, rows after it are logged again once, and the merged file equals the
+    uninterrupted run's (every step, the same values, the test rows)."""
+    full, killed, _ = killed_and_resumed
+    ours, theirs = csv_rows(killed), csv_rows(full)
+    assert ours == theirs
+    val_steps = [int(r["step"]) for r in ours if r["val/loss"]]
+    assert val_steps == [9, 19, 29, 39, 49]
+    assert any(r.get("test/mse_step_3") for r in ours)
+
+
+def test_resumed_run_keeps_its_segments_and_total_fit_time(killed_and_resumed):
+    full, killed, _ = killed_and_resumed
+    metrics = json.loads((killed / "metrics.json").read_text())
+    segments = metrics["segments"]
+    assert [(s["from_step"], s["to_step"]) for s in segments] == [(0, 30), (30, 50)]
+    assert metrics["fit_seconds"] == pytest.approx(
+        sum(s["fit_seconds"] for s in segments), abs=0.01
+    )
+    assert json.loads((full / "metrics.json").read_text())["segments"][0]["to_step"] == 50
+
+
+def test_ctrl_c_saves_at_the_interrupt_and_resumes_exactly(killed_and_resumed, tmp_path):
+    """SIGINT during training: last.ckpt is saved at the end of that meta-step, exit 130;
+    the same command resumes from it to the uninterrupted run's weights."""
+    full, _, _ = killed_and_resumed
+    run_dir, marker = tmp_path / "run", tmp_path / "marker"
+    proc = start(train_cmd(run_dir, *slow(marker)), tmp_path / "run.log")
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "the run never reached meta-step 35"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, (tmp_path / "run.log").read_text()[-3000:]
+    output = (tmp_path / "run.log").read_text()
+    assert "interrupted at meta-step" in output and "Traceback" not in output
+    step = global_step(run_dir / "checkpoints" / "last.ckpt")
+    assert 35 <= step < 40, step
+    resumed = run(train_cmd(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ours = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    theirs = torch.load(full / "checkpoints" / "last.ckpt", weights_only=False)
+    for name, value in theirs["state_dict"].items():
+        assert torch.equal(ours["state_dict"][name], value), name
+    assert csv_rows(run_dir) == csv_rows(full)
 
 
 @pytest.fixture(scope="module")

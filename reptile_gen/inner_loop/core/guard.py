@@ -1,0 +1,128 @@
+"""The divergence guard: the first non-finite inner loss, meta-loss or meta-gradient of
+a training step stops the run with a :class:`Diverged` error that names where it
+happened (meta-step, tasks, inner step) and the inner learning rates in force.
+
+Every engine's results pass through :class:`DivergenceGuard`: the module records the
+inner losses and the meta-loss of a step (:meth:`DivergenceGuard.check_losses`) and
+raises before the optimizer step (:meth:`DivergenceGuard.check_before_step`), after the
+meta-gradient has been averaged across DDP ranks, so every rank raises at the same step
+and no optimizer step (and so no checkpoint) ever holds a non-finite state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+__all__ = ["Diverged", "DivergenceGuard", "describe_rates"]
+
+
+class Diverged(ArithmeticError):
+    """Training produced a non-finite value; ``meta_step`` is the step it appeared at
+    (no optimizer step was taken with it)."""
+
+    def __init__(self, what: str, meta_step: int, detail: str = "", rates: str = "") -> None:
+        self.what = what
+        self.meta_step = int(meta_step)
+        self.detail = detail
+        self.rates = rates
+        parts = [f"diverged at meta-step {self.meta_step}: non-finite {what}"]
+        if detail:
+            parts.append(detail)
+        if rates:
+            parts.append(f"inner rates {rates}")
+        super().__init__("; ".join(parts))
+
+    def __reduce__(self):  # picklable across DDP ranks with its fields
+        return (type(self), (self.what, self.meta_step, self.detail, self.rates))
+
+    def as_record(self) -> dict:
+        """The fields ``metrics.json`` keeps for a diverged run."""
+        return {
+            "status": "diverged",
+            "diverged_at_step": self.meta_step,
+            "diverged_value": self.what,
+            "error": str(self),
+        }
+
+
+def describe_rates(rates) -> str:
+    """``inner_lr=...`` for a fixed rate, or the range of learned rates (an
+    :class:`~reptile_gen.inner_loop.InnerLR` or a plain number)."""
+    if isinstance(rates, (int, float)):
+        return f"inner_lr={float(rates):g}"
+    learned = getattr(rates, "learned", "none")
+    if learned == "none":
+        return f"inner_lr={getattr(rates, 'init', float('nan')):g}"
+    values = [
+        torch.as_tensor(v).detach().reshape(-1).double() for v in rates.rates_by_name().values()
+    ]
+    flat = torch.cat(values) if values else torch.zeros(0)
+    if flat.numel() == 0:
+        return f"learned ({learned})"
+    return f"learned ({learned}) in [{flat.min().item():g}, {flat.max().item():g}]"
+
+
+def _first_bad(values: torch.Tensor) -> tuple[list[int], int | None, float]:
+    """``(task indices, first inner step, first bad value)`` of a ``[B, T]`` tensor."""
+    bad = ~torch.isfinite(values.detach())
+    if values.dim() < 2:
+        bad = bad.reshape(-1, 1)
+        values = values.reshape(-1, 1)
+    tasks = bad.any(dim=1).nonzero().reshape(-1).tolist()
+    steps = bad.any(dim=0).nonzero().reshape(-1).tolist()
+    first = steps[0] if steps else None
+    value = values.detach()[bad][0].item() if bad.any() else math.nan
+    return tasks, first, value
+
+
+class DivergenceGuard:
+    """Collects the first non-finite value of a meta-step and raises it as
+    :class:`Diverged` at :meth:`check_before_step`.
+
+    ``enabled=False`` turns every check off (for a deliberate experiment with
+    non-finite losses)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._problem: tuple[str, str] | None = None
+
+    def reset(self) -> None:
+        self._problem = None
+
+    def check_losses(self, what: str, losses: torch.Tensor | None, task_offset: int = 0) -> None:
+        """Record ``losses`` (inner losses ``[B, T]`` or a scalar meta-loss) when any is
+        non-finite and nothing was recorded earlier in this meta-step."""
+        if not self.enabled or self._problem is not None or losses is None:
+            return
+        if bool(torch.isfinite(losses.detach()).all()):
+            return
+        tasks, step, value = _first_bad(losses)
+        if losses.dim() >= 2:
+            shown = tasks[:8] + (["..."] if len(tasks) > 8 else [])
+            where = f"at inner step {step} " if losses.shape[1] > 1 else ""
+            detail = f"{value} {where}of tasks {shown} (of this rank's meta-batch)"
+        else:
+            detail = f"value {value}"
+        self._problem = (what, detail)
+
+    def check_before_step(
+        self, named_parameters: Iterable[tuple[str, torch.Tensor]], meta_step: int, rates
+    ) -> None:
+        """Raise :class:`Diverged` when this meta-step recorded a non-finite loss or its
+        meta-gradient (``.grad`` of the parameters) is non-finite; then start afresh."""
+        if not self.enabled:
+            return
+        problem, self._problem = self._problem, None
+        if problem is None:
+            grads = [(n, p.grad) for n, p in named_parameters if p.grad is not None]
+            if not grads:
+                return
+            finite = torch.stack([torch.isfinite(g).all() for _, g in grads]).all()
+            if bool(finite):
+                return
+            names = [n for n, g in grads if not bool(torch.isfinite(g).all())]
+            problem = ("meta-gradient", f"in {', '.join(names[:4])}")
+        raise Diverged(problem[0], meta_step, problem[1], describe_rates(rates))
