@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from reptile_gen import CONF_DIR
 from reptile_gen.cli import test_and_report
 from reptile_gen.utils.callbacks import fit_record
-from reptile_gen.utils.config_compat import exit_on_moved_overrides
+from reptile_gen.utils.config_compat import exit_on_bad_overrides
 from reptile_gen.utils.instantiate import build_run, build_trainer
 from reptile_gen.utils.runtime import (
     check_checkpoint_matches,
@@ -105,7 +105,7 @@ def train(cfg: DictConfig) -> dict:
         finish_loggers(loggers)
 
 
-@exit_on_moved_overrides
+@exit_on_bad_overrides("config")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 @report_errors
 def main(cfg: DictConfig) -> float | None:

@@ -17,6 +17,7 @@ key, and :func:`exit_on_moved_overrides` makes an entry point print it and stop.
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sys
 from collections.abc import Callable, Mapping
@@ -210,3 +211,77 @@ def exit_on_moved_overrides(main: Callable) -> Callable:
         return main(*args, **kwargs)
 
     return wrapper
+
+
+def explain_composition_error(argv, config_name: str = "config") -> str | None:
+    """One ``error: ...`` line when Hydra cannot compose ``config_name`` with the
+    command-line overrides in ``argv`` (an unknown group option, a key the config does not
+    have, an override it cannot parse), else None. Sweeps (``a=1,2``) and Hydra's own
+    flags other than ``-m`` are left to Hydra."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    from reptile_gen import CONF_DIR
+
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
+        return None
+    overrides = [a for a in argv if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as err:
+        bad = next((o for o in overrides if f"'{o}'" in str(err)), str(err).splitlines()[0])
+        detail = (str(err).splitlines()[1:2] or ["syntax"])[0]
+        return (
+            f"error: {bad}: not a valid override ({detail}); allowed: key=value, "
+            "+key=value (a new key), ~key, group=option"
+        )
+    if any(o.is_sweep_override() for o in parsed):
+        return None
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            compose(config_name, overrides=overrides)
+    except MissingConfigException as err:
+        group, _, option = str(err.missing_cfg_file or "").rpartition("/")
+        text = next((o for o in overrides if o.lstrip("+~").split("=")[0] == group), None)
+        if err.options and text:
+            return f"error: {text}: no such option; allowed: {', '.join(err.options)}"
+        return f"error: {str(err).splitlines()[0]}"
+    except Exception as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        key = re.match(r"Could not override '([^']+)'", first)
+        text = key and next((o for o in overrides if o.split("=")[0] == key[1]), None)
+        if text:
+            return (
+                f"error: {text}: not a key of this config; allowed: the keys "
+                f"`--cfg job` prints, or +{text} to add a new one"
+            )
+        return f"error: {first} (HYDRA_FULL_ERROR=1 shows the traceback)"
+    finally:
+        GlobalHydra.instance().clear()
+    return None
+
+
+def exit_on_bad_overrides(config_name: str) -> Callable:
+    """Like :func:`exit_on_moved_overrides`, and a command line Hydra cannot compose
+    ``config_name`` with is one ``error:`` line and exit status 2 before Hydra runs
+    (:func:`explain_composition_error`), instead of Hydra's multi-line report."""
+
+    def decorate(main: Callable) -> Callable:
+        @functools.wraps(main)
+        def wrapper(*args, **kwargs):
+            if not args and not kwargs:
+                argv = sys.argv[1:]
+                line = find_moved_override(argv)
+                if line is None and os.environ.get("HYDRA_FULL_ERROR") != "1":
+                    line = explain_composition_error(argv, config_name)
+                if line:
+                    print(line, file=sys.stderr)
+                    raise SystemExit(EXIT_USER_ERROR)
+            return main(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
