@@ -23,6 +23,7 @@ from torch.func import functional_call, grad, vmap
 
 from reptile_gen.inner_loop import masked_mean
 from reptile_gen.inner_loop.core import sgd_update
+from reptile_gen.inner_loop.core.guard import check_sampled_predictions
 from reptile_gen.sampling.checks import check_sampleable, check_temperature
 
 __all__ = ["OnlineSampler", "SequenceResult"]
@@ -196,6 +197,7 @@ class OnlineSampler:
                 noise[:, start:end],
                 stop_token,
             )
+            check_sampled_predictions(logits, ms, start, self.module.inner_lr)
             out_y[:, start:end], out_mask[:, start:end] = ys, ms
             out_logits[:, start:end] = logits.detach() * ms[..., None].to(self.dtype)
             if stop_token is not None:

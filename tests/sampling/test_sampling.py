@@ -347,3 +347,20 @@ def test_samples_txt_has_one_line_per_sample(tmp_path):
     lines = path.read_text(encoding="utf-8").splitlines()
     assert lines == ["two\\nlines", "file\\x1cseparator and \\u2028", "back\\\\slash\ttab", ""]
     assert [line.encode().decode("unicode_escape") for line in lines] == texts
+
+
+def test_a_diverging_sample_stops_with_the_element_and_samples(tmp_path):
+    """A replayed inner SGD that blows up (a huge inner rate) is a divergence naming the
+    element and the samples, not a silent draw from non-finite predictions."""
+    from reptile_gen.inner_loop.core.guard import Diverged
+
+    datamodule, module = module_of(tmp_path, DIGITS)
+    with torch.no_grad():
+        module.inner_lr.init = 1e30
+    sampler = OnlineSampler(module, temperature=1.0)
+    x = datamodule.coords[None].expand(3, -1, -1)
+    with pytest.raises(
+        Diverged,
+        match=r"non-finite prediction while sampling; at element \d+ of samples \[0, 1, 2\]; inner rates inner_lr=1e\+30",
+    ):
+        sampler.run(x, generator=torch.Generator().manual_seed(0))

@@ -16,19 +16,20 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["Diverged", "DivergenceGuard", "describe_rates"]
+__all__ = ["Diverged", "DivergenceGuard", "check_sampled_predictions", "describe_rates"]
 
 
 class Diverged(ArithmeticError):
-    """Training produced a non-finite value; ``meta_step`` is the step it appeared at
-    (no optimizer step was taken with it)."""
+    """Training (or sampling, ``meta_step=None``) produced a non-finite value;
+    ``meta_step`` is the step it appeared at (no optimizer step was taken with it)."""
 
-    def __init__(self, what: str, meta_step: int, detail: str = "", rates: str = "") -> None:
+    def __init__(self, what: str, meta_step: int | None, detail: str = "", rates: str = "") -> None:
         self.what = what
-        self.meta_step = int(meta_step)
+        self.meta_step = None if meta_step is None else int(meta_step)
         self.detail = detail
         self.rates = rates
-        parts = [f"diverged at meta-step {self.meta_step}: non-finite {what}"]
+        where = "" if self.meta_step is None else f" at meta-step {self.meta_step}"
+        parts = [f"diverged{where}: non-finite {what}"]
         if detail:
             parts.append(detail)
         if rates:
@@ -126,3 +127,21 @@ class DivergenceGuard:
             names = [n for n, g in grads if not bool(torch.isfinite(g).all())]
             problem = ("meta-gradient", f"in {', '.join(names[:4])}")
         raise Diverged(problem[0], meta_step, problem[1], describe_rates(rates))
+
+
+def check_sampled_predictions(logits: torch.Tensor, mask: torch.Tensor, start: int, rates) -> None:
+    """Raise :class:`Diverged` when a sampler's predictions ``[N, k, C]`` for the elements
+    ``start...`` (``mask [N, k]``: the real ones) are non-finite: the replayed inner SGD of
+    some samples has diverged, and what it would draw next is noise."""
+    bad = (~torch.isfinite(logits.detach())).any(-1) & mask
+    if not bool(bad.any()):
+        return
+    samples = bad.any(1).nonzero().reshape(-1).tolist()
+    element = start + int(bad.any(0).nonzero()[0])
+    shown = samples[:8] + (["..."] if len(samples) > 8 else [])
+    raise Diverged(
+        "prediction while sampling",
+        None,
+        f"at element {element} of samples {shown}",
+        describe_rates(rates),
+    )
