@@ -587,8 +587,16 @@ def _steps(text: str) -> list[int]:
     return steps
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """An argument error is one ``error: ...`` line (and exit status 2), as everywhere in
+    the project; ``--help`` has the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="reptile-gen-compare",
         description="Compare the learning curves of runs (multirun or run dirs) in one chart "
         "and one table (seeds grouped: mean ± std).",
@@ -618,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = compare(args.dirs, args.out, args.metric, args.steps, log_y=not args.linear)
     except CompareError as err:
-        parser.error(str(err))
+        parser.exit(2, f"error: {err}\n")
     print(summary["table"], end="")
     for path in summary["without_metrics"]:
         print(f"not counted (no metrics.json: failed or unfinished): {path}", file=sys.stderr)

@@ -14,7 +14,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from reptile_gen.utils.errors import CheckpointError, ConfigError
-from reptile_gen.utils.user_errors import check_run_dir
+from reptile_gen.utils.user_errors import check_run_dir, diverged_trial_value
 
 __all__ = [
     "LAST_CKPT",
@@ -350,8 +350,9 @@ def optimized_value(cfg: DictConfig, metrics: dict) -> float | None:
     A sweeper that optimises (any sweeper but Hydra's basic one) needs a number from every
     job: there an unset name, or one the run did not produce, is a :class:`ConfigError`
     that lists the metrics the run has (the run's own files are already written), and a
-    NaN (a diverged trial) becomes the worst value (+inf when minimising, -inf when
-    maximising) because the Optuna sweeper aborts the whole study on a NaN. A plain run or
+    NaN (a diverged trial) stays NaN for the project's Optuna sweeper (a failed trial) and
+    becomes the worst value for others, which end the whole study on a NaN
+    (:func:`~reptile_gen.utils.user_errors.diverged_trial_value`). A plain run or
     a basic ``-m`` sweep returns the value as it is, or None for an unset or missing name.
     """
     name = cfg.get("optimized_metric")
@@ -363,7 +364,7 @@ def optimized_value(cfg: DictConfig, metrics: dict) -> float | None:
     sweeper_name, direction = sweeper
     if number:
         if math.isnan(value):
-            worst = -math.inf if direction == "maximize" else math.inf
+            worst = diverged_trial_value(direction, sweeper_name)
             log.warning("optimized_metric=%r is NaN (diverged): %s to the sweeper", name, worst)
             return worst
         return float(value)

@@ -85,6 +85,28 @@ def _sweep_direction() -> str | None:
     return str(sweeper.get("direction", "minimize")).rsplit(".", 1)[-1]
 
 
+#: sweepers that record a trial returning NaN as failed and go on (the others end the
+#: study on a NaN, so a diverged trial gives them the worst value instead)
+FAILS_NON_FINITE_TRIALS = ("DivergenceAwareOptunaSweeper",)
+
+
+def diverged_trial_value(direction: str, sweeper_target: str) -> float:
+    """What a diverged job returns to an optimising sweeper: NaN for one that records it
+    as a failed trial (:data:`FAILS_NON_FINITE_TRIALS`), else the worst value."""
+    if sweeper_target.rsplit(".", 1)[-1] in FAILS_NON_FINITE_TRIALS:
+        return math.nan
+    return -math.inf if direction == "maximize" else math.inf
+
+
+def _sweeper_target() -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return str(HydraConfig.get().sweeper.get("_target_", ""))
+    except Exception:
+        return ""
+
+
 #: the user errors of this process's sweep jobs (see :func:`exit_if_jobs_failed`)
 FAILED_JOBS: list[str] = []
 
@@ -153,12 +175,11 @@ def report_errors(func: Callable) -> Callable:
                 in_sweep = _sweep_direction()
                 if in_sweep is None:
                     sys.exit(EXIT_DIVERGED)
-                # a sweep goes on: the job's metrics.json says diverged; a sweeper that
-                # optimises gets the worst value (Hydra's Optuna sweeper ends the whole
-                # study on a failed or NaN job), the basic sweeper nothing
+                # a sweep goes on: the job's metrics.json says diverged; an optimising
+                # sweeper gets NaN (a failed trial) or the worst value, the basic one nothing
                 if in_sweep == "":
                     return None
-                return math.inf if in_sweep != "maximize" else -math.inf
+                return diverged_trial_value(in_sweep, _sweeper_target())
             message = user_error_message(err)
             if message is None:
                 raise

@@ -227,7 +227,9 @@ def test_compare_bad_input_exits_2(args, files, capsys):
     with pytest.raises(SystemExit) as exit_:
         compare_app.main(argv)
     output = capsys.readouterr().err
-    assert exit_.value.code == 2 and "error:" in output and "Traceback" not in output
+    assert exit_.value.code == 2 and "Traceback" not in output
+    lines = output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), output
 
 
 def test_sweep_with_one_bad_job(tmp_path):

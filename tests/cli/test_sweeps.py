@@ -116,13 +116,83 @@ def test_missing_metric_in_a_search_is_a_clear_error(make_cfg):
         optimized_value(cfg, metrics)
 
 
-def test_search_gets_the_metric_and_inf_for_a_diverged_trial(make_cfg):
+STOCK_SWEEPER = (
+    "hydra.sweeper._target_=hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+)
+
+
+def test_search_gets_the_metric_and_nan_or_the_worst_for_a_diverged_trial(make_cfg):
     cfg = make_cfg(["hparams_search=sine_optuna"])
     assert optimized_value(cfg, {"val/loss": 0.25}) == 0.25
-    # the Optuna sweeper aborts the whole study on a NaN: a diverged trial is the worst
+    # the project's sweeper records NaN as a failed trial
+    assert math.isnan(optimized_value(cfg, {"val/loss": math.nan}))
+    # Hydra's own Optuna sweeper ends the whole study on a NaN: there it is the worst
+    cfg = make_cfg(["hparams_search=sine_optuna", STOCK_SWEEPER])
     assert optimized_value(cfg, {"val/loss": math.nan}) == math.inf
-    cfg = make_cfg(["hparams_search=sine_optuna", "hydra.sweeper.direction=maximize"])
+    cfg = make_cfg(
+        ["hparams_search=sine_optuna", STOCK_SWEEPER, "hydra.sweeper.direction=maximize"]
+    )
     assert optimized_value(cfg, {"val/loss": math.nan}) == -math.inf
+
+
+def test_a_non_finite_trial_is_failed_and_the_study_goes_on():
+    import optuna
+
+    from hydra_plugins.reptile_gen_optuna.sweeper import (
+        FailNonFiniteTrials,
+        failing_non_finite_trials,
+    )
+
+    with failing_non_finite_trials() as studies:
+        study = optuna.create_study(direction="minimize")
+    for value in (math.nan, 2.0, math.inf, 1.0):
+        study.tell(study.ask(), value)
+    states = [t.state.name for t in study.trials]
+    assert states == ["FAIL", "COMPLETE", "FAIL", "COMPLETE"]
+    assert study.best_value == 1.0 and studies[0] is study
+    assert studies[0].failed_trials == [0, 2]
+    # outside the context, studies are Optuna's own again
+    assert not isinstance(optuna.create_study(), FailNonFiniteTrials)
+
+
+def test_search_with_diverging_trials_fails_them_and_finds_the_best(tmp_path):
+    """Through the CLI: inner rate 1e7 diverges (exit 3 outside a sweep); in the search
+    those trials are failed, their metrics.json says diverged, the best is a good one."""
+    conf = tmp_path / "conf" / "hparams_search"
+    conf.mkdir(parents=True)
+    (conf / "diverging.yaml").write_text(
+        "# @package _global_\n"
+        "defaults:\n  - sine_optuna\n"
+        "hydra:\n  sweeper:\n    n_trials: 4\n    params:\n"
+        "      algorithm.inner_lr: choice(0.01, 10000000.0)\n"
+    )
+    sweep_dir = tmp_path / "search"
+    proc = run_train(
+        [
+            "--config-dir",
+            str(tmp_path / "conf"),
+            "hparams_search=diverging",
+            *[o for o in TINY],
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    statuses = {}
+    for job in range(4):
+        overrides = yaml.safe_load((sweep_dir / str(job) / ".hydra" / "overrides.yaml").read_text())
+        rate = float(
+            next(o for o in overrides if o.startswith("algorithm.inner_lr=")).split("=")[1]
+        )
+        metrics = json.loads((sweep_dir / str(job) / "metrics.json").read_text())
+        statuses[job] = (rate, metrics.get("status"))
+    assert {s for r, s in statuses.values() if r > 1} == {"diverged"}, statuses
+    assert {s for r, s in statuses.values() if r < 1} <= {None, "ok", "completed"}, statuses
+    assert {r for r, _ in statuses.values()} == {0.01, 1e7}, statuses
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert results["best_params"]["algorithm.inner_lr"] == 0.01
+    assert math.isfinite(results["best_value"])
+    assert "diverged at meta-step" in proc.stderr
 
 
 @pytest.mark.parametrize("overrides", [[], ["hydra.mode=MULTIRUN"]])
