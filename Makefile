@@ -23,7 +23,7 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]" --config-settings editable_mode=compat
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install the package (torch pinned, CPU wheel by default)
@@ -55,12 +55,12 @@ slurm-down: ## stop the Slurm cluster that `make test` / `make slurm-up` started
 	bash scripts/slurm_cluster.sh stop
 
 lint: $(STAMP) ## ruff lint and format check
-	$(VENV)/bin/ruff check reptile_gen tests benchmarks hydra_plugins
-	$(VENV)/bin/ruff format --check reptile_gen tests benchmarks hydra_plugins
+	$(VENV)/bin/ruff check reptile_gen tests benchmarks
+	$(VENV)/bin/ruff format --check reptile_gen tests benchmarks
 
 format: $(STAMP) ## ruff autofix and format
-	$(VENV)/bin/ruff check --fix reptile_gen tests benchmarks hydra_plugins
-	$(VENV)/bin/ruff format reptile_gen tests benchmarks hydra_plugins
+	$(VENV)/bin/ruff check --fix reptile_gen tests benchmarks
+	$(VENV)/bin/ruff format reptile_gen tests benchmarks
 
 clean: ## remove caches and run outputs (keeps .venv)
 	rm -rf outputs/* .pytest_cache .ruff_cache benchmarks/results build *.egg-info

@@ -14,7 +14,11 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from reptile_gen.utils.errors import CheckpointError, ConfigError
-from reptile_gen.utils.user_errors import check_run_dir, diverged_trial_value
+from reptile_gen.utils.user_errors import (
+    check_run_dir,
+    diverged_trial_value,
+    fails_non_finite_trials,
+)
 
 __all__ = [
     "LAST_CKPT",
@@ -350,9 +354,10 @@ def optimized_value(cfg: DictConfig, metrics: dict) -> float | None:
     A sweeper that optimises (any sweeper but Hydra's basic one) needs a number from every
     job: there an unset name, or one the run did not produce, is a :class:`ConfigError`
     that lists the metrics the run has (the run's own files are already written), and a
-    NaN (a diverged trial) stays NaN for the project's Optuna sweeper (a failed trial) and
-    becomes the worst value for others, which end the whole study on a NaN
-    (:func:`~reptile_gen.utils.user_errors.diverged_trial_value`). A plain run or
+    NaN (a diverged trial) stays NaN where the ``FailNonFiniteTrials`` callback records it
+    as a failed trial, and becomes the worst value otherwise (Hydra's Optuna sweeper ends
+    the whole study on a NaN; :func:`~reptile_gen.utils.user_errors.diverged_trial_value`).
+    A plain run or
     a basic ``-m`` sweep returns the value as it is, or None for an unset or missing name.
     """
     name = cfg.get("optimized_metric")
@@ -364,7 +369,7 @@ def optimized_value(cfg: DictConfig, metrics: dict) -> float | None:
     sweeper_name, direction = sweeper
     if number:
         if math.isnan(value):
-            worst = diverged_trial_value(direction, sweeper_name)
+            worst = diverged_trial_value(direction, fails_non_finite_trials())
             log.warning("optimized_metric=%r is NaN (diverged): %s to the sweeper", name, worst)
             return worst
         return float(value)

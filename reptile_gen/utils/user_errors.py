@@ -85,26 +85,30 @@ def _sweep_direction() -> str | None:
     return str(sweeper.get("direction", "minimize")).rsplit(".", 1)[-1]
 
 
-#: sweepers that record a trial returning NaN as failed and go on (the others end the
-#: study on a NaN, so a diverged trial gives them the worst value instead)
-FAILS_NON_FINITE_TRIALS = ("DivergenceAwareOptunaSweeper",)
+FAIL_NON_FINITE_CALLBACK = "reptile_gen.utils.optuna_trials.FailNonFiniteTrials"
 
 
-def diverged_trial_value(direction: str, sweeper_target: str) -> float:
-    """What a diverged job returns to an optimising sweeper: NaN for one that records it
-    as a failed trial (:data:`FAILS_NON_FINITE_TRIALS`), else the worst value."""
-    if sweeper_target.rsplit(".", 1)[-1] in FAILS_NON_FINITE_TRIALS:
+def diverged_trial_value(direction: str, fails_non_finite: bool) -> float:
+    """What a diverged job returns to an optimising sweeper: NaN where the multirun
+    records a non-finite value as a failed trial (the ``FailNonFiniteTrials`` callback of
+    the ``hparams_search`` files), else the worst value (Hydra's Optuna sweeper ends the
+    whole study on a NaN)."""
+    if fails_non_finite:
         return math.nan
     return -math.inf if direction == "maximize" else math.inf
 
 
-def _sweeper_target() -> str:
+def fails_non_finite_trials() -> bool:
+    """Whether this Hydra run's callbacks include ``FailNonFiniteTrials``."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        return str(HydraConfig.get().sweeper.get("_target_", ""))
+        callbacks = HydraConfig.get().callbacks or {}
+        return any(
+            str(c.get("_target_", "")) == FAIL_NON_FINITE_CALLBACK for c in callbacks.values()
+        )
     except Exception:
-        return ""
+        return False
 
 
 #: the user errors of this process's sweep jobs (see :func:`exit_if_jobs_failed`)
@@ -179,7 +183,7 @@ def report_errors(func: Callable) -> Callable:
                 # sweeper gets NaN (a failed trial) or the worst value, the basic one nothing
                 if in_sweep == "":
                     return None
-                return diverged_trial_value(in_sweep, _sweeper_target())
+                return diverged_trial_value(in_sweep, fails_non_finite_trials())
             message = user_error_message(err)
             if message is None:
                 raise

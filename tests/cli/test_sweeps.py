@@ -116,21 +116,19 @@ def test_missing_metric_in_a_search_is_a_clear_error(make_cfg):
         optimized_value(cfg, metrics)
 
 
-STOCK_SWEEPER = (
-    "hydra.sweeper._target_=hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
-)
+WITHOUT_FAILING = "~hydra.callbacks.fail_non_finite_trials"
 
 
 def test_search_gets_the_metric_and_nan_or_the_worst_for_a_diverged_trial(make_cfg):
     cfg = make_cfg(["hparams_search=sine_optuna"])
     assert optimized_value(cfg, {"val/loss": 0.25}) == 0.25
-    # the project's sweeper records NaN as a failed trial
+    # with the search files' FailNonFiniteTrials callback NaN is a failed trial
     assert math.isnan(optimized_value(cfg, {"val/loss": math.nan}))
-    # Hydra's own Optuna sweeper ends the whole study on a NaN: there it is the worst
-    cfg = make_cfg(["hparams_search=sine_optuna", STOCK_SWEEPER])
+    # without it Hydra's Optuna sweeper ends the whole study on a NaN: there it is the worst
+    cfg = make_cfg(["hparams_search=sine_optuna", WITHOUT_FAILING])
     assert optimized_value(cfg, {"val/loss": math.nan}) == math.inf
     cfg = make_cfg(
-        ["hparams_search=sine_optuna", STOCK_SWEEPER, "hydra.sweeper.direction=maximize"]
+        ["hparams_search=sine_optuna", WITHOUT_FAILING, "hydra.sweeper.direction=maximize"]
     )
     assert optimized_value(cfg, {"val/loss": math.nan}) == -math.inf
 
@@ -138,13 +136,15 @@ def test_search_gets_the_metric_and_nan_or_the_worst_for_a_diverged_trial(make_c
 def test_a_non_finite_trial_is_failed_and_the_study_goes_on():
     import optuna
 
-    from hydra_plugins.reptile_gen_optuna.sweeper import (
-        FailNonFiniteTrials,
-        failing_non_finite_trials,
-    )
+    from reptile_gen.utils.optuna_trials import FailNonFiniteTrials, StudyFailingNonFinite
 
-    with failing_non_finite_trials() as studies:
+    callback = FailNonFiniteTrials()
+    callback.on_multirun_start()
+    try:
         study = optuna.create_study(direction="minimize")
+    finally:
+        callback.on_multirun_end()
+    studies = callback.studies
     for value in (math.nan, 2.0, math.inf, 1.0):
         study.tell(study.ask(), value)
     states = [t.state.name for t in study.trials]
@@ -152,7 +152,7 @@ def test_a_non_finite_trial_is_failed_and_the_study_goes_on():
     assert study.best_value == 1.0 and studies[0] is study
     assert studies[0].failed_trials == [0, 2]
     # outside the context, studies are Optuna's own again
-    assert not isinstance(optuna.create_study(), FailNonFiniteTrials)
+    assert not isinstance(optuna.create_study(), StudyFailingNonFinite)
 
 
 def test_search_with_diverging_trials_fails_them_and_finds_the_best(tmp_path):
