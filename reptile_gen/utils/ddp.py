@@ -16,7 +16,8 @@ rank zero already holds them.
 
 from __future__ import annotations
 
-import io
+import os
+import tempfile
 from typing import Any
 
 import pytorch_lightning as pl
@@ -36,18 +37,26 @@ class _EvalCurvesLauncher(_MultiProcessingLauncher):
     process, where the run's plots are drawn."""
 
     def get_extra_results(self, trainer: pl.Trainer) -> dict[str, Any]:
+        # through a file, not the results queue: Lightning joins the ranks before it reads
+        # the queue, so a payload larger than the pipe's buffer would block rank zero's
+        # put forever (the curves of a run that validated several times are that large)
         extra = super().get_extra_results(trainer)
         curves = getattr(trainer.lightning_module, "eval_curves", None)
         if curves:
-            buffer = io.BytesIO()
-            torch.save({k: v.detach().cpu() for k, v in curves.items()}, buffer)
-            extra["eval_curves_bytes"] = buffer.getvalue()
+            fd, path = tempfile.mkstemp(prefix="reptile_gen_eval_curves_", suffix=".pt")
+            with os.fdopen(fd, "wb") as f:
+                torch.save({k: v.detach().cpu() for k, v in curves.items()}, f)
+            extra["eval_curves_path"] = path
         return extra
 
     def update_main_process_results(self, trainer: pl.Trainer, extra: dict[str, Any]) -> None:
         super().update_main_process_results(trainer, extra)
-        if "eval_curves_bytes" in extra:
-            curves = torch.load(io.BytesIO(extra["eval_curves_bytes"]), weights_only=True)
+        path = extra.get("eval_curves_path")
+        if path:
+            try:
+                curves = torch.load(path, weights_only=True)
+            finally:
+                os.remove(path)
             module = trainer.lightning_module
             module.eval_curves = {**getattr(module, "eval_curves", {}), **curves}
 

@@ -390,3 +390,26 @@ def test_cli_ddp_cpu_with_the_tasks_eval_batches(task, tmp_path):
     )
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert any(k.startswith("test/") for k in metrics), metrics
+
+
+def test_cli_ddp_cpu_with_validations_and_the_default_test_set_finishes(tmp_path):
+    """The sine defaults with a few validations before the test: rank zero's gathered
+    evaluation curves are too large for the results pipe that Lightning joins before
+    reading, so they travel through a file (this run used to hang after its test)."""
+    run_dir = tmp_path / "run"
+    check(
+        run_cli(
+            [
+                "-m",
+                "reptile_gen.train",
+                "trainer=ddp_cpu",
+                "trainer.max_steps=60",
+                "trainer.val_check_interval=20",
+                "trainer.enable_progress_bar=false",
+                f"hydra.run.dir={run_dir}",
+            ],
+            tmp_path,
+        )
+    )
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert "test/mse_step_10" in metrics and (run_dir / "learning_curve.png").is_file()
