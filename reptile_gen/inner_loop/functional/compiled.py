@@ -56,6 +56,7 @@ from reptile_gen.inner_loop.core import RateSlots, sgd_update_list
 from reptile_gen.inner_loop.core.layers import Activation, Linear
 from reptile_gen.inner_loop.core.losses import closed_form_loss, loss_named
 from reptile_gen.inner_loop.core.model_plan import compile_model
+from reptile_gen.inner_loop.core.recompute import add_grad
 from reptile_gen.inner_loop.functional import compiled_ops as ops
 
 __all__ = ["ACTIVATIONS", "Plan", "built_programs", "clear_programs", "plan", "run_compiled"]
@@ -240,7 +241,7 @@ def _make_programs(acts, loss, fixed, first_order, compile_):
                 term = -(theta_bar[i] * gp)
                 if r[i].dim() == 0:
                     term = term.reshape(term.shape[0], -1).sum(1)
-                rate_bar[j] = term if rate_bar[j] is None else rate_bar[j] + term
+                rate_bar[j] = add_grad(rate_bar[j], term)
             seed = None
             if g_steps is not None:
                 c = g_steps[:, k : k + 1] * weights
@@ -401,8 +402,7 @@ class _CompiledMAML(torch.autograd.Function):
         ctx.per_task = ctx.mean_grads = ctx.theta = ctx.rates = None
         rate_grads: list = [None] * len(ctx.rate_tensors)
         for slot, grad in zip(ctx.slots, grads[len(theta) :]):
-            grad = grad.view(ctx.rate_tensors[slot].shape)
-            rate_grads[slot] = grad if rate_grads[slot] is None else rate_grads[slot] + grad
+            rate_grads[slot] = add_grad(rate_grads[slot], grad.view(ctx.rate_tensors[slot].shape))
         return (*head, *grads[: len(theta)], *rate_grads)
 
 
