@@ -49,6 +49,10 @@ def test_as_diverged_reads_a_spawned_rank_traceback():
     )
     found = as_diverged(RuntimeError(text))
     assert found is not None and found.meta_step == 4 and found.what == "meta-loss"
+    # the same record as the rank's own error would give
+    raised = Diverged("meta-loss", 4, "value inf", "inner_lr=1e+06")
+    assert found.as_record() == raised.as_record()
+    assert str(found) == str(raised)
     assert as_diverged(ValueError("something else")) is None
 
 
