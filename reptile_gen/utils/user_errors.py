@@ -22,7 +22,7 @@ import re
 import sys
 from collections.abc import Callable
 
-from reptile_gen.utils.errors import UserError
+from reptile_gen.utils.errors import Diverged, UserError
 
 __all__ = [
     "EXIT_DIVERGED",
@@ -213,38 +213,18 @@ def record_divergence(err: BaseException, metrics_path, extra: dict | None = Non
     return True
 
 
-_SPAWNED = re.compile(r"Diverged: (diverged at meta-step (\d+): non-finite ([^;\n]+)[^\n]*)")
-
-
-class _SpawnedDivergence(ArithmeticError):
-    """A divergence reported by a spawned DDP rank (as its traceback text)."""
-
-    def __init__(self, line: str, meta_step: int, what: str) -> None:
-        super().__init__(line)
-        self.meta_step, self.what = meta_step, what
-
-    def as_record(self) -> dict:
-        return {
-            "status": "diverged",
-            "diverged_at_step": self.meta_step,
-            "diverged_value": self.what,
-            "error": str(self),
-        }
-
-
-def as_diverged(err: BaseException | None):
-    """``err`` as a divergence (:class:`~reptile_gen.inner_loop.core.guard.Diverged`,
-    recognised by its ``as_record``): itself, one in its cause chain, or one raised in a
-    spawned DDP rank (which reaches the main process as the rank's traceback text);
-    ``None`` for any other error."""
+def as_diverged(err: BaseException | None) -> Diverged | None:
+    """``err`` as a divergence (:class:`~reptile_gen.utils.errors.Diverged`): itself, one
+    in its cause chain, or one raised in a spawned DDP rank (which reaches the main
+    process as the rank's traceback text); ``None`` for any other error."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if type(err).__name__ == "Diverged" and hasattr(err, "as_record"):
+        if isinstance(err, Diverged):
             return err
-        match = _SPAWNED.search(str(err))
-        if match:
-            return _SpawnedDivergence(match.group(1), int(match.group(2)), match.group(3).strip())
+        spawned = Diverged.from_text(str(err))
+        if spawned is not None:
+            return spawned
         err = err.__cause__ or err.__context__
     return None
 

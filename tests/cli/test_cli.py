@@ -21,9 +21,10 @@ BIN = Path(sys.executable).parent
 EVAL_STEPS = 3
 
 
-def run_cli(args, project_root, timeout=300) -> subprocess.CompletedProcess:
-    """``python <args>`` from the repo root, offline, with outputs under ``project_root``."""
-    env = dict(os.environ, WANDB_MODE="offline", PROJECT_ROOT=str(project_root))
+def run_cli(args, project_root, timeout=300, env=None) -> subprocess.CompletedProcess:
+    """``python <args>`` from the repo root, offline, with outputs under ``project_root``
+    (``env``: more environment variables)."""
+    env = dict(os.environ, WANDB_MODE="offline", PROJECT_ROOT=str(project_root), **(env or {}))
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(
         [sys.executable, *args],

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY
+from conftest import TINY
 from hydra.core.global_hydra import GlobalHydra
+from test_cli import run_cli
 
 from reptile_gen import compare as compare_app
 from reptile_gen import eval as eval_app
@@ -235,11 +235,8 @@ def test_compare_bad_input_exits_2(args, files, capsys):
 def test_sweep_with_one_bad_job(tmp_path):
     """``-m seed=abc,0``: the bad job prints its line, the good one still runs, and the
     sweep exits 2."""
-    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
-    env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.run(
+    proc = run_cli(
         [
-            sys.executable,
             "-m",
             "reptile_gen.train",
             "-m",
@@ -249,11 +246,8 @@ def test_sweep_with_one_bad_job(tmp_path):
             "seed=abc,0",
             f"hydra.sweep.dir={tmp_path / 'sweep'}",
         ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        tmp_path,
+        env={"OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "error: seed='abc'" in proc.stderr and "Traceback" not in proc.stderr

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from test_cli import run_cli
 
 from reptile_gen.inner_loop.core.guard import Diverged, DivergenceGuard
 from reptile_gen.utils.json_io import dumps, write_json
 from reptile_gen.utils.user_errors import as_diverged
+
+#: the spawned runs are tiny: one thread each (two DDP ranks share the cores)
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def test_guard_names_tasks_and_inner_step():
@@ -49,6 +49,10 @@ def test_as_diverged_reads_a_spawned_rank_traceback():
     )
     found = as_diverged(RuntimeError(text))
     assert found is not None and found.meta_step == 4 and found.what == "meta-loss"
+    # the same record as the rank's own error would give
+    raised = Diverged("meta-loss", 4, "value inf", "inner_lr=1e+06")
+    assert found.as_record() == raised.as_record()
+    assert str(found) == str(raised)
     assert as_diverged(ValueError("something else")) is None
 
 
@@ -61,11 +65,8 @@ def test_strict_json(tmp_path):
 
 def test_diverging_run_exits_3_with_one_line(tmp_path):
     run_dir = tmp_path / "run"
-    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
-    env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.run(
+    proc = run_cli(
         [
-            sys.executable,
             "-m",
             "reptile_gen.train",
             "experiment=sine_maml",
@@ -74,11 +75,8 @@ def test_diverging_run_exits_3_with_one_line(tmp_path):
             "trainer.enable_progress_bar=false",
             f"hydra.run.dir={run_dir}",
         ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        tmp_path,
+        env=ONE_THREAD,
     )
     assert proc.returncode == 3, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -92,11 +90,8 @@ def test_diverging_run_exits_3_with_one_line(tmp_path):
 
 
 def test_diverging_jobs_of_a_sweep_are_recorded_and_the_sweep_goes_on(tmp_path):
-    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
-    env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.run(
+    proc = run_cli(
         [
-            sys.executable,
             "-m",
             "reptile_gen.train",
             "-m",
@@ -107,11 +102,8 @@ def test_diverging_jobs_of_a_sweep_are_recorded_and_the_sweep_goes_on(tmp_path):
             "seed=0,1",
             f"hydra.sweep.dir={tmp_path}",
         ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        tmp_path,
+        env=ONE_THREAD,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("error: diverged at meta-step 0") == 2
@@ -123,11 +115,8 @@ def test_diverging_ddp_run_exits_3(tmp_path):
     """Under trainer=ddp_cpu the spawned ranks raise at the same meta-step (the check
     follows the meta-gradient's all-reduce); the main process prints the line."""
     run_dir = tmp_path / "run"
-    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
-    env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.run(
+    proc = run_cli(
         [
-            sys.executable,
             "-m",
             "reptile_gen.train",
             "experiment=sine_maml",
@@ -139,11 +128,8 @@ def test_diverging_ddp_run_exits_3(tmp_path):
             "trainer.enable_progress_bar=false",
             f"hydra.run.dir={run_dir}",
         ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        tmp_path,
+        env=ONE_THREAD,
     )
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "error: diverged at meta-step 0" in proc.stdout + proc.stderr

@@ -34,8 +34,8 @@ from torch.func import functional_call
 from reptile_gen.algorithms import MAML
 from reptile_gen.inner_loop import InnerSchedule, make_engine
 from reptile_gen.inner_loop.core import first_visit
+from reptile_gen.inner_loop.core.recompute import RecomputedSegment
 from reptile_gen.inner_loop.functional import FunctionalEngine, num_segments
-from reptile_gen.inner_loop.functional import segments as segments_module
 from reptile_gen.utils.instantiate import build_run
 
 #: (objective, schedule, batch): 12 online steps on padded sequences (tasks end after 12,
@@ -68,13 +68,13 @@ def _grads(engine, name, learned="none", grad_mode="second_order"):
 def count_segments(monkeypatch):
     """The number of checkpointed segments run since the fixture was made."""
     calls = []
-    original = segments_module.CheckpointedSegment.apply
+    original = RecomputedSegment.apply
 
     def counting(*args):
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setattr(segments_module.CheckpointedSegment, "apply", counting)
+    monkeypatch.setattr(RecomputedSegment, "apply", counting)
     return calls
 
 

@@ -1,5 +1,5 @@
 """What every inner-loop engine shares: the SGD update, the rates, the run plan, the
-losses by output kind, the batched layers and the result."""
+losses by output kind, the batched layers, segment recomputation and the result."""
 
 from __future__ import annotations
 

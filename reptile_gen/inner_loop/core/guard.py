@@ -1,6 +1,7 @@
 """The divergence guard: the first non-finite inner loss, meta-loss or meta-gradient of
 a training step stops the run with a :class:`Diverged` error that names where it
-happened (meta-step, tasks, inner step) and the inner learning rates in force.
+happened (meta-step, tasks, inner step) and the inner learning rates in force (the class
+lives with the project's other errors, :mod:`reptile_gen.utils.errors`).
 
 Every engine's results pass through :class:`DivergenceGuard`: the module records the
 inner losses and the meta-loss of a step (:meth:`DivergenceGuard.check_losses`) and
@@ -16,37 +17,9 @@ from collections.abc import Iterable
 
 import torch
 
+from reptile_gen.utils.errors import Diverged
+
 __all__ = ["Diverged", "DivergenceGuard", "check_sampled_predictions", "describe_rates"]
-
-
-class Diverged(ArithmeticError):
-    """Training (or sampling, ``meta_step=None``) produced a non-finite value;
-    ``meta_step`` is the step it appeared at (no optimizer step was taken with it)."""
-
-    def __init__(self, what: str, meta_step: int | None, detail: str = "", rates: str = "") -> None:
-        self.what = what
-        self.meta_step = None if meta_step is None else int(meta_step)
-        self.detail = detail
-        self.rates = rates
-        where = "" if self.meta_step is None else f" at meta-step {self.meta_step}"
-        parts = [f"diverged{where}: non-finite {what}"]
-        if detail:
-            parts.append(detail)
-        if rates:
-            parts.append(f"inner rates {rates}")
-        super().__init__("; ".join(parts))
-
-    def __reduce__(self):  # picklable across DDP ranks with its fields
-        return (type(self), (self.what, self.meta_step, self.detail, self.rates))
-
-    def as_record(self) -> dict:
-        """The fields ``metrics.json`` keeps for a diverged run."""
-        return {
-            "status": "diverged",
-            "diverged_at_step": self.meta_step,
-            "diverged_value": self.what,
-            "error": str(self),
-        }
 
 
 def describe_rates(rates) -> str:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reptile_gen.inner_loop.core.activations import activation_second, silu_derivative
+from reptile_gen.inner_loop.core.recompute import add_grad
 from reptile_gen.models.bodies import GatedLinear, LayerNorm, LSTMBlock, SineLayer
 from reptile_gen.models.encoders import DiscreteEncoder
 
@@ -152,13 +153,6 @@ class Linear(Layer):
         return out
 
 
-def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    """``a + b`` where None is zero."""
-    if a is None:
-        return b
-    return a if b is None else a + b
-
-
 class Activation(Layer):
     """Elementwise activations; the backward uses the ``aten`` kernels autograd uses, so
     the inner gradient is bit-for-bit autograd's and itself differentiable."""
@@ -211,7 +205,7 @@ class Activation(Layer):
         first = None if rd is None else self.backward(p, rd, saved, None, True)
         if r is None:
             return first
-        return _add(first, self._second(saved) * (r * d))
+        return add_grad(first, self._second(saved) * (r * d))
 
     def _second(self, saved) -> torch.Tensor:
         return activation_second(self.kind, saved, getattr(self.module, "approximate", "none"))
@@ -255,7 +249,7 @@ class Sine(Layer):
         dz = d * (w0 * torch.cos(pre))
         rdz = None if rd is None else rd * (w0 * torch.cos(pre))
         if rz is not None:  # curvature: d/dz [w0 cos(w0 z)] = -w0^2 sin(w0 z)
-            rdz = _add(rdz, d * rz * (-(w0**2) * torch.sin(pre)))
+            rdz = add_grad(rdz, d * rz * (-(w0**2) * torch.sin(pre)))
         return self.linear.rbackward(p, v, dz, rdz, linear_saved, linear_r, rgrads, need_input)
 
 

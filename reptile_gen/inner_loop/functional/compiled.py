@@ -52,10 +52,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from reptile_gen.inner_loop.core import sgd_update_list
+from reptile_gen.inner_loop.core import RateSlots, sgd_update_list
 from reptile_gen.inner_loop.core.layers import Activation, Linear
 from reptile_gen.inner_loop.core.losses import closed_form_loss, loss_named
 from reptile_gen.inner_loop.core.model_plan import compile_model
+from reptile_gen.inner_loop.core.recompute import add_grad
 from reptile_gen.inner_loop.functional import compiled_ops as ops
 
 __all__ = ["ACTIVATIONS", "Plan", "built_programs", "clear_programs", "plan", "run_compiled"]
@@ -240,7 +241,7 @@ def _make_programs(acts, loss, fixed, first_order, compile_):
                 term = -(theta_bar[i] * gp)
                 if r[i].dim() == 0:
                     term = term.reshape(term.shape[0], -1).sum(1)
-                rate_bar[j] = term if rate_bar[j] is None else rate_bar[j] + term
+                rate_bar[j] = add_grad(rate_bar[j], term)
             seed = None
             if g_steps is not None:
                 c = g_steps[:, k : k + 1] * weights
@@ -401,8 +402,7 @@ class _CompiledMAML(torch.autograd.Function):
         ctx.per_task = ctx.mean_grads = ctx.theta = ctx.rates = None
         rate_grads: list = [None] * len(ctx.rate_tensors)
         for slot, grad in zip(ctx.slots, grads[len(theta) :]):
-            grad = grad.view(ctx.rate_tensors[slot].shape)
-            rate_grads[slot] = grad if rate_grads[slot] is None else rate_grads[slot] + grad
+            rate_grads[slot] = add_grad(rate_grads[slot], grad.view(ctx.rate_tensors[slot].shape))
         return (*head, *grads[: len(theta)], *rate_grads)
 
 
@@ -411,20 +411,14 @@ def run_compiled(model, plan_, loss, rates, batch, first_order, compile_=True):
     losses [B, K])`` of a few-shot inner loop with ``len(first_order)`` steps (True: a
     first-order step), differentiable w.r.t. the model's parameters and learned inner
     rates through the compiled reverse pass. ``rates``: ``{name: float or tensor}``."""
-    per_param = [rates[name] for name in plan_.names]
-    fixed = tuple(None if torch.is_tensor(r) else float(r) for r in per_param)
-    rate_tensors: list = []
-    slots = []
-    for r in per_param:
-        if torch.is_tensor(r):
-            found = next((i for i, t in enumerate(rate_tensors) if t is r), None)
-            if found is None:
-                rate_tensors.append(r)
-                found = len(rate_tensors) - 1
-            slots.append(found)
+    split = RateSlots({name: rates[name] for name in plan_.names})
+    fixed = tuple(
+        None if split.slots[name] is not None else float(split.fixed[name]) for name in plan_.names
+    )
+    slots = [split.slots[name] for name in plan_.names if split.slots[name] is not None]
     key = (plan_.activations, loss, fixed, tuple(first_order), bool(compile_))
     data = (batch.support_x, batch.support_y, batch.support_mask, batch.query_x, batch.query_y)
     theta = plan_.parameters(model)
     return _CompiledMAML.apply(
-        _programs(key), data, tuple(slots), len(theta), *theta, *rate_tensors
+        _programs(key), data, tuple(slots), len(theta), *theta, *split.tensors
     )

@@ -26,9 +26,8 @@ holds a per-task copy of every parameter. Two remedies, chosen by config:
 * **segment checkpointing** (``checkpoint_segments``): the steps are cut into segments
   (``auto``: about sqrt(T) of them). Forward keeps only each segment's input parameters;
   backward recomputes one segment with its graph and feeds the segment's output gradient
-  in (:class:`_CheckpointedSegment`, a hand-written ``autograd.Function``: the reentrant
-  ``torch.utils.checkpoint`` refuses ``autograd.grad`` inside and the non-reentrant one
-  refuses ``torch.func.grad``). Gradients equal the full unroll's.
+  in (the core's :class:`~reptile_gen.inner_loop.core.recompute.RecomputedSegment`).
+  Gradients equal the full unroll's.
 * **truncation** (``truncate_steps=k``): only the last ``k`` inner updates are
   differentiated through; older ones are treated as constants (first-order).
 """
@@ -52,9 +51,10 @@ from reptile_gen.inner_loop.core import (
     steps_with_data,
 )
 from reptile_gen.inner_loop.core.model_plan import compile_model
+from reptile_gen.inner_loop.core.recompute import RecomputedSegment
 from reptile_gen.inner_loop.functional import compiled
 from reptile_gen.inner_loop.functional.runner import BatchedRunner
-from reptile_gen.inner_loop.functional.segments import CheckpointedSegment, SegmentRunner
+from reptile_gen.inner_loop.functional.segments import SegmentRunner
 
 if TYPE_CHECKING:
     from reptile_gen.data.task_batch import TaskBatch
@@ -225,9 +225,8 @@ class FunctionalEngine(InnerLoopEngine):
                 (slices[i][0], slices[i][1], records[i], i < n_first_order) for i in range(a, b)
             ]
             if segments > 1:
-                outs = CheckpointedSegment.apply(
-                    runner, steps, query, data, len(params), *params, *runner.rate_tensors
-                )
+                segment = _flat_segment(runner, steps, query, data, len(names))
+                outs = RecomputedSegment.apply(segment, *params, *runner.rate_tensors)
             else:
                 outs = runner.segment(steps, query, data, params, runner.rate_tensors)
             params = list(outs[: len(names)])
@@ -299,3 +298,14 @@ def _pad_to(element_losses: torch.Tensor, length: int) -> torch.Tensor:
     if missing > 0:
         element_losses = torch.nn.functional.pad(element_losses, (0, missing))
     return element_losses
+
+
+def _flat_segment(runner, steps, query, data, num_params):
+    """``runner.segment`` of ``steps`` as a function of flat tensors (the parameters,
+    then the learned rates): what a recomputed segment runs twice."""
+
+    def segment(*tensors):
+        params, rate_tensors = list(tensors[:num_params]), list(tensors[num_params:])
+        return runner.segment(steps, query, data, params, rate_tensors)
+
+    return segment

@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from reptile_gen.inner_loop.core import sgd_update_list, step_weights
+from reptile_gen.inner_loop.core.recompute import add_grad
 
 __all__ = ["HandSegment", "HandQuery", "supports"]
 
@@ -185,7 +186,7 @@ class HandSegment(torch.autograd.Function):
             for i, slot in enumerate(slots):
                 if slot is not None and wanted[slot]:
                     term = -_reduce_to(theta_bar[i] * grads[i], ctx.rate_tensors[slot])
-                    rate_grads[slot] = term if rate_grads[slot] is None else rate_grads[slot] + term
+                    rate_grads[slot] = add_grad(rate_grads[slot], term)
             if first_order:
                 v = None
             elif scale is not None:

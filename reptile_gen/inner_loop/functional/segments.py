@@ -1,5 +1,5 @@
-"""The functional engine's generic runner (``vmap`` over tasks of ``grad`` of a
-``functional_call``: the ``vmap_grad`` path) and its segment checkpointing."""
+"""The functional engine's generic runner: ``vmap`` over tasks of ``grad`` of a
+``functional_call`` (the ``vmap_grad`` path)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch.func import functional_call, grad, vmap
 
 from reptile_gen.inner_loop.core import RateSlots, masked_mean, sgd_update
 
-__all__ = ["CheckpointedSegment", "SegmentRunner"]
+__all__ = ["SegmentRunner"]
 
 
 class SegmentRunner:
@@ -78,50 +78,4 @@ class SegmentRunner:
         qx, qy = query if query is not None else (data[0], data[1])
         return vmap(one_task, chunk_size=self.chunk_size, randomness="different")(
             *data, qx, qy, *params
-        )
-
-
-class CheckpointedSegment(torch.autograd.Function):
-    """One segment of the inner loop, recomputed in backward (exact gradients, memory of
-    one segment's unroll instead of all of them).
-
-    Forward runs the segment without keeping its graph and saves only its inputs.
-    Backward re-runs it from those inputs with the graph (second order included) and
-    backpropagates the incoming output gradients through it to the segment's input
-    parameters and to the learned inner learning rates.
-    """
-
-    @staticmethod
-    def forward(ctx, runner, steps, query, data, num_params, *tensors):
-        ctx.runner, ctx.steps, ctx.query, ctx.data = runner, steps, query, data
-        ctx.num_params = num_params
-        ctx.save_for_backward(*tensors)
-        with torch.no_grad():
-            outs = runner.segment(
-                steps, query, data, list(tensors[:num_params]), list(tensors[num_params:])
-            )
-        return tuple(o.detach() for o in outs)
-
-    @staticmethod
-    def backward(ctx, *grad_outputs):
-        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
-        n = ctx.num_params
-        with torch.enable_grad():
-            outs = ctx.runner.segment(ctx.steps, ctx.query, ctx.data, inputs[:n], inputs[n:])
-        pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
-        wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(
-            torch.autograd.grad(
-                [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True
-            )
-            if pairs and wanted
-            else [None] * len(wanted)
-        )
-        return (
-            None,
-            None,
-            None,
-            None,
-            None,
-            *(next(grads) if t.requires_grad else None for t in inputs),
         )

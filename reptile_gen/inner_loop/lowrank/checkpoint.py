@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from reptile_gen.inner_loop.core.recompute import add_grad, leaves, vjp
 from reptile_gen.inner_loop.lowrank.sites import fold, folds
 from reptile_gen.inner_loop.lowrank.state import Env, Step
 
@@ -50,6 +51,11 @@ class CheckpointedLoop(torch.autograd.Function):
     the later segments) and its history rows (accumulated from every later segment that
     read them). The prefix's gradient is added to the rows of earlier segments.
 
+    Not a :class:`~reptile_gen.inner_loop.core.recompute.RecomputedSegment` per segment:
+    the history buffers are written in place by every segment and read by all later ones,
+    so they cannot be a segment's inputs and outputs; the backward uses the same core
+    pieces (``leaves``, ``vjp``, ``add_grad``).
+
     Inputs: the shared weights, the initial (expanded) small parameters, the learned rate
     tensors. Outputs: step losses ``[B, T]``, element losses ``[B, T, width]``, tracked
     query losses ``[B, T]`` (or ``[B, 0]``), final small parameters, history ``A`` then
@@ -85,11 +91,8 @@ class CheckpointedLoop(torch.autograd.Function):
         nt = len(saved) - 2 * nw
         tensors, a_hist, d_hist = saved[:nt], saved[nt : nt + nw], saved[nt + nw :]
 
-        def leaf(t):
-            return t.detach().requires_grad_(t.requires_grad)
-
-        weights = [leaf(t) for t in tensors[:nw]]
-        rates = [leaf(t) for t in tensors[nw + ns :]]
+        weights = leaves(tensors[:nw])
+        rates = leaves(tensors[nw + ns :])
         env = Env(weights, rates, run)
         g_small = list(g_rest[:ns])
         g_a = [
@@ -101,10 +104,6 @@ class CheckpointedLoop(torch.autograd.Function):
         ]
         g_weights = [None] * nw
         g_rates = [None] * len(rates)
-
-        def add(acc, g):
-            return g if acc is None else (acc if g is None else acc + g)
-
         bounds = ctx.bounds
         for k in reversed(range(len(bounds) - 1)):
             lo, hi = bounds[k], bounds[k + 1]
@@ -138,31 +137,18 @@ class CheckpointedLoop(torch.autograd.Function):
                 if not s.embedding:
                     pairs.append((rows[0], g_a[j][:, r0[j] : r1[j]]))
                 pairs.append((rows[1], g_d[j][:, r0[j] : r1[j]]))
-            pairs = [(o, g) for o, g in pairs if g is not None and o.requires_grad]
-            wanted = list(small)
-            for pl in prefix_leaves:
-                if pl is not None:
-                    wanted += [t for t in pl if t.requires_grad]
-            wanted += [t for t in weights + rates if t.requires_grad]
-            grads = torch.autograd.grad(
-                [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True
-            )
-            it = iter(grads)
+            prefix = [t for pl in prefix_leaves if pl is not None for t in pl]
+            outputs, grad_outputs = zip(*pairs)
+            it = iter(vjp(outputs, grad_outputs, [*small, *prefix, *weights, *rates]))
             g_small = [next(it) for _ in small]
-            for j, (s, pl) in enumerate(zip(run.sites, prefix_leaves)):
+            for j, pl in enumerate(prefix_leaves):
                 if pl is None:
                     continue
-                if not s.embedding:
-                    ga = next(it)
-                    if ga is not None:
-                        g_a[j][:, : r0[j]] += ga
-                gd = next(it)
+                ga, gd = next(it), next(it)  # ga: None for an embedding's index rows
+                if ga is not None:
+                    g_a[j][:, : r0[j]] += ga
                 if gd is not None:
                     g_d[j][:, : r0[j]] += gd
-            for idx, t in enumerate(weights):
-                if t.requires_grad:
-                    g_weights[idx] = add(g_weights[idx], next(it))
-            for idx, t in enumerate(rates):
-                if t.requires_grad:
-                    g_rates[idx] = add(g_rates[idx], next(it))
+            g_weights = [add_grad(acc, next(it)) for acc in g_weights]
+            g_rates = [add_grad(acc, next(it)) for acc in g_rates]
         return (None, None, None, *g_weights, *g_small, *g_rates)

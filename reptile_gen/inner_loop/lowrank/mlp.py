@@ -1,7 +1,8 @@
 """A hand-written inner step of the low-rank engine for the plain MLP models.
 
 For ``SequenceModel(encoder, MLP, head)`` (encoder: continuous features or embedding
-tables; MLP: ``nn.Linear`` layers with ReLU or Tanh; head: ``nn.Linear``), one inner step
+tables; MLP: ``nn.Linear`` layers with ReLU or Tanh; head: ``nn.Linear``; read off the
+shared model plan), one inner step
 of every task without a graph (Reptile, evaluation, the checkpointed forward) is written
 out: the forward pass is one matmul per layer with the shared initial weight plus the
 history's correction, and the backward pass is the same on the transpose, so no ``vmap``,
@@ -23,8 +24,9 @@ from torch import nn
 from torch.func import vmap
 
 from reptile_gen.inner_loop.core import sgd_step
-from reptile_gen.models import MLP, SequenceModel
-from reptile_gen.models.encoders import ContinuousEncoder, DiscreteEncoder
+from reptile_gen.inner_loop.core.layers import Activation, Embeddings, Identity, Linear
+from reptile_gen.inner_loop.core.model_plan import compile_model
+from reptile_gen.models import SequenceModel
 
 __all__ = ["MLPStepper", "mlp_stepper"]
 
@@ -41,63 +43,61 @@ class _Layer:
 
 def mlp_stepper(run) -> MLPStepper | None:
     """The hand-written step for ``run`` (a :class:`~reptile_gen.inner_loop.lowrank.run.Run`),
-    or None when its model is not a plain MLP sequence model in low-rank form."""
-    model = run.model
-    if type(model) is not SequenceModel or type(model.body) is not MLP:
+    or None when its model is not a plain MLP sequence model in low-rank form.
+
+    The layers are read off the shared model plan
+    (:func:`~reptile_gen.inner_loop.core.model_plan.compile_model`): an encoder (continuous
+    or embedding tables), then ``Linear`` layers, each followed by ReLU, Tanh or nothing,
+    the last by nothing; every weight a site, every bias a small parameter."""
+    if type(run.model) is not SequenceModel:
         return None
-    if type(model.head) is not nn.Linear:
+    batched = compile_model(run.model, run.param_names)
+    if batched is None or not batched.layers:
         return None
-    encoder = model.encoder
-    site_of = {id(s.module): i for i, s in enumerate(run.sites)}
+    site_of = {s.name: i for i, s in enumerate(run.sites)}
     small_of = {name: i for i, name in enumerate(run.small_names)}
+    encoder, *chain = batched.layers
     tables: list[int] = []
-    if type(encoder) is DiscreteEncoder:
-        width = encoder.out_features // max(len(encoder.tables), 1)
-        for table in encoder.tables:
-            if id(table) not in site_of or table.embedding_dim != width:
-                return None
-            tables.append(site_of[id(table)])
-    elif type(encoder) is not ContinuousEncoder:
-        return None
-    modules = list(model.body.net) + [model.head]
-    layers, used_small = [], set()
-    prefixes = [f"body.net.{i}" for i in range(len(model.body.net))] + ["head"]
-    i = 0
-    while i < len(modules):
-        linear = modules[i]
-        if type(linear) is not nn.Linear or id(linear) not in site_of:
+    if isinstance(encoder, Embeddings):
+        if any(name not in site_of for name in encoder.params):
             return None
-        activation = None
-        if i + 1 < len(modules) and modules[i + 1] is not model.head:
-            kind = _ACTIVATIONS.get(type(modules[i + 1]))
-            if kind is None:
+        tables = [site_of[name] for name in encoder.params]
+        if len({run.sites[j].module.embedding_dim for j in tables}) != 1:
+            return None  # the step splits the input gradient into equal widths
+    elif not isinstance(encoder, Identity):
+        return None
+    layers: list[_Layer] = []
+    for layer in chain:
+        if isinstance(layer, Activation):
+            kind = _ACTIVATIONS.get(layer.kind)
+            if kind is None or not layers or layers[-1].activation is not None:
                 return None
-            activation = kind
-        bias = None
-        if linear.bias is not None:
-            name = f"{prefixes[i]}.bias"
-            if name not in small_of:
+            layers[-1].activation = kind
+        elif isinstance(layer, Linear) and layer.w in site_of:
+            if layer.b is not None and layer.b not in small_of:
                 return None
-            bias = small_of[name]
-            used_small.add(bias)
-        layers.append(_Layer(site_of[id(linear)], bias, activation))
-        i += 2 if activation is not None else 1
-    if layers[-1].activation is not None or len(used_small) != len(run.small_names):
+            bias = None if layer.b is None else small_of[layer.b]
+            layers.append(_Layer(site_of[layer.w], bias, None))
+        else:
+            return None
+    if not layers or layers[-1].activation is not None:
+        return None
+    used_small = {layer.bias for layer in layers if layer.bias is not None}
+    if len(used_small) != len(run.small_names):
         return None
     if len({layer.site for layer in layers} | set(tables)) != len(run.sites):
         return None
     rows = {s.rows for s in run.sites}
     if len(rows) != 1:
         return None
-    return MLPStepper(run, encoder, tables, layers, rows.pop())
+    return MLPStepper(run, tables, layers, rows.pop())
 
 
 class MLPStepper:
     """One no-graph inner step of every (active) task, written out for a plain MLP."""
 
-    def __init__(self, run, encoder, tables: list[int], layers: list[_Layer], rows: int):
+    def __init__(self, run, tables: list[int], layers: list[_Layer], rows: int):
         self.run = run
-        self.encoder = encoder
         self.tables = tables
         self.layers = layers
         self.rows = rows
