@@ -15,13 +15,24 @@ __all__ = ["SineDataModule"]
 
 
 def _range(name: str, value) -> tuple[float, float]:
+    allowed = "allowed: a pair of numbers [low, high] with low < high"
     try:
         low, high = (float(v) for v in value)
     except (TypeError, ValueError):
-        raise ValueError(f"task.{name}={value!r}; must be a pair [low, high]") from None
+        raise ValueError(f"task.{name}={_show(value)}: not a pair of numbers; {allowed}") from None
     if not low < high:
-        raise ValueError(f"task.{name}={[low, high]}; must have low < high")
+        raise ValueError(f"task.{name}={[low, high]}: low is not below high; {allowed}")
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"task.{name}={[low, high]}: not finite; {allowed}")
     return low, high
+
+
+def _show(value) -> str:
+    """``value`` as the command line writes it (a ``ListConfig`` as a plain list)."""
+    try:
+        return repr(list(value)) if not isinstance(value, (str, bytes)) else repr(value)
+    except TypeError:
+        return repr(value)
 
 
 class SineDataModule(TaskDataModule):
@@ -74,8 +85,9 @@ class SineDataModule(TaskDataModule):
             and self.support_x_range[1] <= self.x_range[1]
         ):
             raise ValueError(
-                f"task.support_x_range={list(self.support_x_range)} must lie inside "
-                f"task.x_range={list(self.x_range)}"
+                f"task.support_x_range={list(self.support_x_range)}: not inside "
+                f"task.x_range={list(self.x_range)}; allowed: a sub-range of task.x_range, "
+                "or null (the whole range)"
             )
         self.num_val_tasks = check_count("num_val_tasks", num_val_tasks)
         self.num_test_tasks = check_count("num_test_tasks", num_test_tasks)

@@ -109,6 +109,11 @@ CASES = [
     ("head_bias", "train", ["model.head_bias=bogus"], "model.head_bias="),
     ("meta_batch_0", "train", ["task.meta_batch_size=0"], "task.meta_batch_size=0"),
     ("num_val_0", "train", ["task.num_val_tasks=0"], "task.num_val_tasks=0"),
+    ("support_range_outside", "train", ["task.support_x_range=[0.0,6.0]"], "not inside"),
+    ("support_range_reversed", "train", ["task.support_x_range=[5.0,0.0]"], "low is not below"),
+    ("x_range_not_pair", "train", ["task.x_range=[1.0,2.0,3.0]"], "task.x_range="),
+    ("x_range_str", "train", ["task.x_range=[0.0,wide]"], "not a pair of numbers"),
+    ("phase_range_inf", "train", ["task.phase_range=[0.0,inf]"], "task.phase_range="),
     (
         "lr_every_0",
         "train",
