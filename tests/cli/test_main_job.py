@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from test_cli import check, run_cli
 
 TINY_MAIN = [
@@ -59,3 +60,24 @@ def test_unknown_corpus_is_a_one_line_error(tmp_path):
         "error: task.corpus='prose': no such corpus; allowed: pydoc | listing "
         "(or a file with task.path=<UTF-8 file>)"
     ]
+
+
+@pytest.mark.slow
+def test_a_briefly_trained_model_writes_more_ls_lines_than_the_untrained(tmp_path):
+    """150 meta-steps of the real main job (no baseline): the share of samples that parse
+    as `ls -l` lines rises above the untrained (unigram) model's; seeded, so the same run
+    every time (~2-3 min on one core)."""
+    run = tmp_path / "run"
+    args = [
+        "experiment=listing",
+        "baseline=null",
+        "trainer.max_time=null",
+        "trainer.max_steps=150",
+        "trainer.val_check_interval=150",
+        "task.num_test_tasks=10",
+        "logger=none",
+    ]
+    check(run_cli(["-m", "reptile_gen.train", *args, f"hydra.run.dir={run}"], tmp_path))
+    checked = json.loads((run / "samples_check.json").read_text())
+    assert checked["trained_share"] > checked["untrained_share"]
+    assert checked["trained_share"] >= 0.25
