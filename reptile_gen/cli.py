@@ -46,12 +46,13 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------- test and report
 def test_and_report(
-    trainer, module, datamodule, out_dir, ckpt_path=None, extra=None, untrained=None
+    trainer, module, datamodule, out_dir, ckpt_path=None, extra=None, untrained=None, summary=True
 ) -> dict:
     """Test ``module`` (with the weights of ``ckpt_path`` when given) on the task's fixed
     test tasks, write ``out_dir/metrics.json`` (the ``test/`` metrics plus ``extra``) and
     the task's report (:func:`reptile_gen.reports.write_report`; ``untrained``: the module
-    before training, for a report that shows both); returns the metrics written."""
+    before training, for a report that shows both) and, with ``summary``, print the headline
+    metrics; returns the metrics written."""
     from reptile_gen.reports import write_report
     from reptile_gen.utils.instantiate import write_metrics
     from reptile_gen.utils.wandb_logging import log_report
@@ -74,7 +75,8 @@ def test_and_report(
             log.info("wrote %s", path)
         # plots and samples as W&B media, metrics.json as the W&B summary (W&B loggers only)
         log_report(trainer.loggers, written, metrics, step=trainer.global_step, out_dir=out_dir)
-        print_summary(metrics, out_dir)
+        if summary:
+            print_summary(metrics, out_dir)
     return metrics
 
 

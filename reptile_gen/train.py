@@ -108,6 +108,8 @@ def train(cfg: DictConfig) -> dict:
                 ckpt_path=best,
                 extra=fit_record(trainer, fit_seconds),
                 untrained=untrained,
+                # with a baseline, the comparison at the end prints it all
+                summary=not cfg.get("baseline"),
             )
             if cfg.get("baseline") and trainer.is_global_zero:
                 metrics |= compare_with_baseline(cfg, metrics, out_dir)
