@@ -10,8 +10,9 @@ TORCH_INDEX ?=
 EXTRAS ?= dev,data,slurm,sweep
 STAMP := $(VENV)/.installed
 ARGS ?=
-# the main job that `make train` runs
-TRAIN_JOB ?= experiment=text_quick
+# the main job that `make train` runs: Reptile on `ls -l` lines, then the LSTM baseline for
+# the same wall-clock (conf/experiment/listing.yaml); the pydoc prose job: TRAIN_JOB=experiment=text_quick
+TRAIN_JOB ?= experiment=listing
 
 .DEFAULT_GOAL := help
 .PHONY: help install train test test-full bench bench-full lint format clean slurm-up slurm-down
@@ -28,7 +29,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP) ## create .venv and install the package (torch pinned, CPU wheel by default)
 
-train: $(STAMP) ## run the main job (text generation, ~10 min on 2 cores); extra Hydra overrides via ARGS="..."
+train: $(STAMP) ## run the main job (a text model of ls -l lines vs the LSTM, <10 min on 2 cores with install); Hydra overrides via ARGS="..."
 	$(PY) -m reptile_gen.train $(TRAIN_JOB) $(ARGS)
 
 test: $(STAMP) slurm-up ## the CI suite (fast; slow tests excluded); as root first starts a local Slurm cluster (slurm-up; apt-installs slurm-wlm, munge), stop it with `make slurm-down`

@@ -15,6 +15,7 @@ Only load checkpoints you trust: a ``.ckpt`` is a pickle.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from contextlib import nullcontext
@@ -29,10 +30,12 @@ from reptile_gen.utils.runtime import ConfigError, load_checkpoint, resolve_ckpt
 __all__ = [
     "apply_overrides",
     "build_eval_config",
+    "compose_run_config",
     "find_run_config",
     "hydra_overrides",
     "hydra_subdir",
     "load_run_config",
+    "print_samples",
     "print_summary",
     "source_record",
     "test_and_report",
@@ -42,11 +45,14 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------- test and report
-def test_and_report(trainer, module, datamodule, out_dir, ckpt_path=None, extra=None) -> dict:
+def test_and_report(
+    trainer, module, datamodule, out_dir, ckpt_path=None, extra=None, untrained=None, summary=True
+) -> dict:
     """Test ``module`` (with the weights of ``ckpt_path`` when given) on the task's fixed
     test tasks, write ``out_dir/metrics.json`` (the ``test/`` metrics plus ``extra``) and
-    the task's report (:func:`reptile_gen.reports.write_report`); returns the metrics
-    written."""
+    the task's report (:func:`reptile_gen.reports.write_report`; ``untrained``: the module
+    before training, for a report that shows both) and, with ``summary``, print the headline
+    metrics; returns the metrics written."""
     from reptile_gen.reports import write_report
     from reptile_gen.utils.instantiate import write_metrics
     from reptile_gen.utils.wandb_logging import log_report
@@ -64,12 +70,13 @@ def test_and_report(trainer, module, datamodule, out_dir, ckpt_path=None, extra=
     metrics = write_metrics(trainer.callback_metrics, out_dir / "metrics.json", extra=extra)
     written = []
     if trainer.is_global_zero:
-        written = write_report(module, datamodule, out_dir)
+        written = write_report(module, datamodule, out_dir, untrained=untrained)
         for path in written:
             log.info("wrote %s", path)
         # plots and samples as W&B media, metrics.json as the W&B summary (W&B loggers only)
         log_report(trainer.loggers, written, metrics, step=trainer.global_step, out_dir=out_dir)
-        print_summary(metrics, out_dir)
+        if summary:
+            print_summary(metrics, out_dir)
     return metrics
 
 
@@ -92,11 +99,40 @@ def print_summary(metrics: dict, out_dir: Path) -> None:
     for key in keys:
         if isinstance(metrics[key], float):
             print(f"{key} = {metrics[key]:.4f}")
-    samples = Path(out_dir) / "samples.txt"
-    if samples.is_file():
-        print(f"samples ({samples}):")
-        print(samples.read_text().rstrip())
+    print_samples(Path(out_dir))
     print(f"run dir: {out_dir}")
+
+
+def _cell(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "~"
+
+
+def print_samples(out_dir: Path, width: int = 64) -> None:
+    """The run's text samples on stdout: ``samples.txt``, next to ``samples_untrained.txt``
+    (two columns of ``width``, longer lines cut with ``~``) when there is one, and the share
+    of each that parse like the corpus's lines (``samples_check.json``)."""
+    samples, before = out_dir / "samples.txt", out_dir / "samples_untrained.txt"
+    if not samples.is_file():
+        return
+    after_lines = samples.read_text(encoding="utf-8").splitlines()
+    if not before.is_file():
+        print(f"samples ({samples}):")
+        print("\n".join(after_lines))
+        return
+    before_lines = before.read_text(encoding="utf-8").splitlines()
+    print(f"samples, untrained | trained ({before.name}, {samples.name} in the run dir):")
+    print(f"{'untrained':<{width}} | trained")
+    for left, right in zip(before_lines, after_lines):
+        print(f"{_cell(left, width):<{width}} | {_cell(right, width)}")
+    check = out_dir / "samples_check.json"
+    if check.is_file():
+        c = json.loads(check.read_text())
+        n = c["num_samples"]
+        shares = [c.get("untrained_share"), c["trained_share"]]
+        counts = ["-" if s is None else f"{round(s * n)}/{n}" for s in shares]
+        print(
+            f"samples that parse as {c['corpus']} lines: untrained {counts[0]}, trained {counts[1]}"
+        )
 
 
 # ---------------------------------------------------------------------- a run's config
@@ -171,6 +207,12 @@ def _compose(config_name: str, overrides: list[str]) -> DictConfig:
     with open_dict(cfg):
         cfg.pop("hydra", None)
     return cfg
+
+
+def compose_run_config(overrides: list[str]) -> DictConfig:
+    """``conf/config.yaml`` composed with ``overrides``, as ``python -m reptile_gen.train``
+    would (without the ``hydra`` node: set ``paths.output_dir`` before running it)."""
+    return _compose("config", overrides)
 
 
 def _is_global_group(group: str, option: str) -> bool:

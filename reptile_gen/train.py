@@ -4,10 +4,14 @@ Composes ``conf/config.yaml``, instantiates the task's DataModule, the model and
 algorithm's LightningModule, fits, tests, and writes ``metrics.json`` and plots into the
 run's Hydra directory. The test-and-report part
 (:func:`reptile_gen.cli.test_and_report`) is shared with ``python -m reptile_gen.eval``.
+A text run keeps a copy of its untrained model, so that its report shows samples from both;
+a run whose config has a ``baseline`` node then trains that baseline for the same
+wall-clock and prints the comparison (:mod:`reptile_gen.baseline`).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
@@ -74,6 +78,10 @@ def train(cfg: DictConfig) -> dict:
         check_config(cfg)
         ckpt_path, datamodule, module = setup_run(cfg, out_dir)
         trainer, loggers = build_trainer(cfg)
+    # the untrained model, for the text report's samples before/after training
+    untrained = None
+    if cfg.get("train", True) and getattr(datamodule.spec, "kind", None) == "text":
+        untrained = copy.deepcopy(module)
     try:
         started = time.perf_counter()
         if cfg.get("train", True):
@@ -99,10 +107,25 @@ def train(cfg: DictConfig) -> dict:
                 out_dir,
                 ckpt_path=best,
                 extra=fit_record(trainer, fit_seconds),
+                untrained=untrained,
+                # with a baseline, the comparison at the end prints it all
+                summary=not cfg.get("baseline"),
             )
+            if cfg.get("baseline") and trainer.is_global_zero:
+                metrics |= compare_with_baseline(cfg, metrics, out_dir)
         return metrics
     finally:
         finish_loggers(loggers)
+
+
+def compare_with_baseline(cfg: DictConfig, metrics: dict, out_dir: Path) -> dict:
+    """Train ``cfg.baseline`` for the same wall-clock, record and print the comparison."""
+    from reptile_gen.baseline import print_comparison, record_baseline, run_baseline
+
+    baseline = run_baseline(cfg, metrics, train)
+    added = record_baseline(out_dir, baseline, str(cfg.baseline.experiment))
+    print_comparison(cfg, metrics, baseline, out_dir)
+    return added
 
 
 @exit_on_bad_overrides("config")

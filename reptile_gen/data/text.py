@@ -2,9 +2,10 @@
 
 A line of UTF-8 text becomes its bytes followed by an end token (NUL, byte 0); sequences
 are cut to ``max_len`` (end token included) and padded with a mask, so padding adds no
-loss and takes no SGD step. The offline default corpus is CPython's ``pydoc_data.topics``
-(the help texts that ship with every Python): ~8.7k non-empty lines of English prose and
-grammar, split deterministically into train/val/test by a hash of each line.
+loss and takes no SGD step. The lines come from a UTF-8 file (``task.path``) or from a
+named offline corpus (``task.corpus``, :mod:`reptile_gen.data.corpora`: ``pydoc``, the
+default, CPython's ``pydoc_data.topics``; ``listing``, ``ls -l`` lines of CPython's
+standard library), split deterministically into train/val/test by a hash of each line.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from reptile_gen.data.base import TaskDataModule, check_count
+from reptile_gen.data.corpora import CORPORA, corpus_texts
 from reptile_gen.data.streams import FixedTaskBatches
 from reptile_gen.data.task_batch import TaskBatch
 from reptile_gen.data.task_spec import TaskSpec
@@ -34,13 +36,11 @@ END_TOKEN = 0
 SPLITS = ("train", "val", "test")
 
 
-def load_lines(path: str | Path | None) -> tuple[list[str], str]:
-    """Non-empty stripped lines of a UTF-8 file (``None``: the pydoc corpus) and a label."""
+def load_lines(path: str | Path | None, corpus: str = "pydoc") -> tuple[list[str], str]:
+    """Non-empty stripped lines of a UTF-8 file (``None``: the named offline ``corpus``)
+    and a label."""
     if path is None:
-        import pydoc_data.topics
-
-        texts = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
-        source = "pydoc_data.topics"
+        texts, source = corpus_texts(corpus)
     else:
         path = Path(str(path)).expanduser()
         if not path.is_file():
@@ -111,6 +111,7 @@ class TextDataModule(TaskDataModule):
 
     Args:
         path: a UTF-8 text file, one sequence per line; ``null`` for the offline corpus.
+        corpus: the offline corpus when ``path`` is null: ``pydoc`` | ``listing``.
         max_len: positions per sequence including the end token (>= 2).
         meta_batch_size: lines per meta-step.
         val_percent, test_percent: share of lines (by hash) held out.
@@ -131,8 +132,20 @@ class TextDataModule(TaskDataModule):
         num_test_tasks: int | None = None,
         eval_batch_size: int = 32,
         seed: int = 0,
+        corpus: str = "pydoc",
     ) -> None:
         super().__init__()
+        if corpus not in CORPORA:
+            raise ValueError(
+                f"task.corpus={corpus!r}: no such corpus; allowed: {' | '.join(CORPORA)} "
+                "(or a file with task.path=<UTF-8 file>)"
+            )
+        if path is not None and corpus != "pydoc":
+            raise ValueError(
+                f"task.corpus={corpus!r} with task.path={str(path)!r}: give one of them "
+                "(task.path=null for a named corpus)"
+            )
+        self.corpus = corpus
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
             raise ValueError(
                 f"task.max_len={max_len!r}; must be an integer >= 2 (one byte + the end token)"
@@ -166,7 +179,7 @@ class TextDataModule(TaskDataModule):
     def _load(self) -> None:
         if self._loaded:
             return
-        lines, self.source = load_lines(self.path)
+        lines, self.source = load_lines(self.path, self.corpus)
         self.corpus_sha256 = hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
         by_split: dict[str, list[str]] = {s: [] for s in SPLITS}
         for line in lines:

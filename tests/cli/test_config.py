@@ -98,6 +98,7 @@ def test_representative_runs_train(make_cfg, tmp_path, overrides):
 SHRINK_TASK = {
     "sine": [],
     "text": ["task.max_len=12"],
+    "listing": ["task.max_len=12"],
     "mnist": ["task.resolution=7"],
     "digits": ["task.resolution=4"],
     "mnist14": ["task.resolution=7"],
@@ -105,6 +106,7 @@ SHRINK_TASK = {
 SHRINK_MODEL = {
     "sine": [],
     "text": ["model.embedding_dim=8", "model.body.hidden_sizes=[8,8]"],
+    "listing": ["model.embedding_dim=8", "model.body.hidden_sizes=[8,8]", "baseline=null"],
     "mnist": ["model.embedding_dim=4", "model.body.hidden_sizes=[8]", "model.body.input_layer=8"],
     "digits": ["model.embedding_dim=4"],
     "mnist14": ["model.embedding_dim=4", "model.body.hidden_sizes=[8]"],

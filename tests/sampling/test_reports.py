@@ -28,7 +28,9 @@ def test_a_kind_without_report_writes_nothing(tmp_path):
 
 def test_report_is_looked_up_by_kind(tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setitem(REPORTS, "text", lambda m, d, out: seen.append(d) or [out / "x"])
+    monkeypatch.setitem(
+        REPORTS, "text", lambda m, d, out, untrained=None: seen.append(d) or [out / "x"]
+    )
     data = _Data("text")
     assert write_report(None, data, tmp_path) == [tmp_path / "x"] and seen == [data]
 
