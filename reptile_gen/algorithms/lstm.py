@@ -88,6 +88,12 @@ class LSTMBaseline(MetaLearner):
                 "meta-learners are for); allowed tasks: text, mnist, digits "
                 "(or use algorithm=maml|fomaml|reptile|joint)"
             )
+        if task_spec.prev_input:
+            raise ValueError(
+                "task.prev_input=true with algorithm=lstm: the LSTM baseline always feeds "
+                "the previous element back; allowed: task.prev_input=false (the option is "
+                "for the meta-learners: maml, fomaml, reptile, joint)"
+            )
         _check_positive("algorithm.hidden_size", hidden_size, int)
         _check_positive("algorithm.num_layers", num_layers, int)
         _check_positive("algorithm.embedding_dim", embedding_dim, int)

@@ -11,7 +11,7 @@ from torch.utils.data.distributed import DistributedSampler
 from reptile_gen.data.streams import TaskStream, shard_range
 from reptile_gen.data.task_batch import TaskBatch
 
-__all__ = ["TaskDataModule", "HeldOutShard", "check_count"]
+__all__ = ["TaskDataModule", "HeldOutShard", "check_count", "check_flag"]
 
 
 class TaskDataModule(pl.LightningDataModule):
@@ -114,4 +114,11 @@ def check_count(name: str, value, minimum: int = 1) -> int:
     """``value`` if it is an integer >= ``minimum``, else a clear error naming ``task.name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"task.{name}={value!r}; must be an integer >= {minimum}")
+    return value
+
+
+def check_flag(name: str, value) -> bool:
+    """``value`` if it is a boolean, else a clear error naming ``task.name``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"task.{name}={value!r}; allowed: true, false")
     return value

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reptile_gen.data.base import TaskDataModule, check_count
+from reptile_gen.data.base import TaskDataModule, check_count, check_flag
 from reptile_gen.data.streams import FixedTaskBatches
 from reptile_gen.data.task_batch import TaskBatch
 from reptile_gen.data.task_spec import TaskSpec
@@ -196,6 +196,9 @@ class ImageDataModule(TaskDataModule):
         num_test_tasks: test images scored (null: all).
         meta_batch_size, eval_batch_size, seed: as for every task.
         data_seed: seed of splits, stochastic binarization and the fixed order.
+        prev_input: the input of pixel ``i`` is ``(row, col, bit_{i-1})``, the bit of the
+            pixel before it in the pixel order (a start token for the first), instead of
+            ``(row, col)`` alone (:attr:`TaskSpec.prev_input`).
     """
 
     def __init__(
@@ -214,6 +217,7 @@ class ImageDataModule(TaskDataModule):
         eval_batch_size: int = 32,
         seed: int = 0,
         data_seed: int = 0,
+        prev_input: bool = False,
     ) -> None:
         super().__init__()
         if dataset not in ("mnist", "digits"):
@@ -255,6 +259,7 @@ class ImageDataModule(TaskDataModule):
             sequence_name="image",
             token_name="pixel",
             kind="image",
+            prev_input=check_flag("prev_input", prev_input),
         )
         side = resolution
         self.coords = pixel_grid(side, side)  # [HW, 2]
@@ -313,9 +318,10 @@ class ImageDataModule(TaskDataModule):
 
     def make_batch(self, bits: torch.Tensor, order: torch.Tensor) -> TaskBatch:
         """Tasks from raster-order ``bits [n, HW]`` visited in ``order [n, HW]``."""
+        targets = torch.gather(bits, 1, order)
         return TaskBatch(
-            support_x=self.coords[order],
-            support_y=torch.gather(bits, 1, order),
+            support_x=self.spec.model_inputs(self.coords[order], targets),
+            support_y=targets,
         )
 
     def sample(self, generator: torch.Generator, num_tasks: int | None = None) -> TaskBatch:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from reptile_gen.data.base import TaskDataModule, check_count
+from reptile_gen.data.base import TaskDataModule, check_count, check_flag
 from reptile_gen.data.corpora import CORPORA, corpus_texts
 from reptile_gen.data.streams import FixedTaskBatches
 from reptile_gen.data.task_batch import TaskBatch
@@ -119,6 +119,8 @@ class TextDataModule(TaskDataModule):
         num_test_tasks: test lines scored (null: the whole test split).
         eval_batch_size: lines per validation/test batch.
         seed: seed of the training stream.
+        prev_input: the input of position ``i`` is ``(i, byte_{i-1})`` (a start token at
+            position 0) instead of ``i`` alone (:attr:`TaskSpec.prev_input`).
     """
 
     def __init__(
@@ -133,6 +135,7 @@ class TextDataModule(TaskDataModule):
         eval_batch_size: int = 32,
         seed: int = 0,
         corpus: str = "pydoc",
+        prev_input: bool = False,
     ) -> None:
         super().__init__()
         if corpus not in CORPORA:
@@ -173,6 +176,7 @@ class TextDataModule(TaskDataModule):
             sequence_name="line",
             token_name="char",
             kind="text",
+            prev_input=check_flag("prev_input", prev_input),
         )
         self._loaded = False
 
@@ -198,7 +202,8 @@ class TextDataModule(TaskDataModule):
     def _batch(self, data: torch.Tensor, mask: torch.Tensor) -> TaskBatch:
         n = data.shape[0]
         positions = torch.arange(self.max_len).expand(n, -1)
-        return TaskBatch(support_x=positions, support_y=data, support_mask=mask)
+        inputs = self.spec.model_inputs(positions, data)
+        return TaskBatch(support_x=inputs, support_y=data, support_mask=mask)
 
     def sample(self, generator: torch.Generator, num_tasks: int | None = None) -> TaskBatch:
         """``num_tasks`` training lines drawn uniformly (with replacement)."""

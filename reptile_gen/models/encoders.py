@@ -45,4 +45,4 @@ def make_encoder(spec, embedding_dim: int) -> nn.Module:
     """The encoder a :class:`~reptile_gen.data.TaskSpec` asks for."""
     if spec.input_kind == "continuous":
         return ContinuousEncoder(spec.input_dim)
-    return DiscreteEncoder(spec.input_sizes, embedding_dim)
+    return DiscreteEncoder(spec.encoder_sizes, embedding_dim)

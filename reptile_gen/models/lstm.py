@@ -22,7 +22,8 @@ class LSTMNetwork(nn.Module):
     """``head(LSTM(concat(encoder(x_i), embedding(y_{i-1}))))``.
 
     Previous targets are embedded as tokens: ``{0, 1, start}`` for bits, ``num_classes
-    + 1`` values for classes; the start token is the last index (:attr:`start_token`).
+    + 1`` values for classes; the start token is the last index
+    (:attr:`TaskSpec.start_token <reptile_gen.data.TaskSpec.start_token>`).
 
     Args:
         task_spec: a sequence task with ``bits`` or ``classes`` outputs.
@@ -47,8 +48,9 @@ class LSTMNetwork(nn.Module):
                 f"LSTMNetwork needs bits or classes targets to feed back; got output_kind="
                 f"{task_spec.output_kind!r}"
             )
-        num_tokens = 3 if task_spec.output_kind == "bits" else task_spec.output_dim + 1
-        self.start_token = num_tokens - 1
+        self.task_spec = task_spec
+        self.start_token = task_spec.start_token
+        num_tokens = self.start_token + 1
         self.encoder = make_encoder(task_spec, embedding_dim)
         self.prev_embedding = nn.Embedding(num_tokens, embedding_dim)
         self.body = nn.LSTM(
@@ -62,9 +64,7 @@ class LSTMNetwork(nn.Module):
 
     def previous_tokens(self, y: torch.Tensor) -> torch.Tensor:
         """``[B, T]`` long: the start token, then ``y_0 .. y_{T-2}`` (teacher forcing)."""
-        y = y.long()
-        start = torch.full_like(y[:, :1], self.start_token)
-        return torch.cat([start, y[:, :-1]], dim=1)
+        return self.task_spec.previous_targets(y)
 
     def forward(
         self, x: torch.Tensor, prev: torch.Tensor, state: LSTMState | None = None

@@ -10,6 +10,14 @@ learning rates (learned Meta-SGD rates included) through the core update
 loss, whose forward pass also draws the unknown elements), so the dynamics are exactly
 those of the functional engine's online schedule (:meth:`OnlineSampler.feed` reproduces
 the engine's ``element_losses``).
+
+With ``task.prev_input`` (:attr:`~reptile_gen.data.TaskSpec.prev_input`) the model's input
+of element ``i`` carries ``y_{i-1}``, the target of the element stepped on just before it
+in the order the sampler goes (given or drawn; the start token before the first). The
+sampler takes the elements' own coordinates and appends it: within one inner step of
+several elements the draws go in order (each element's prediction uses the parameters of
+the step, as in training, and its input the target just drawn or given), and the step's
+loss is then the engine's, on the same inputs.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from torch.func import functional_call, grad, vmap
 from reptile_gen.inner_loop import masked_mean
 from reptile_gen.inner_loop.core import sgd_update
 from reptile_gen.inner_loop.core.guard import check_sampled_predictions
-from reptile_gen.sampling.checks import check_sampleable, check_temperature
+from reptile_gen.sampling.checks import SamplingError, check_sampleable, check_temperature
 
 __all__ = ["OnlineSampler", "SequenceResult"]
 
@@ -84,6 +92,7 @@ class OnlineSampler:
         self.device, self.dtype = first.device, first.dtype
         self.num_outputs = self.spec.head_features
         self.target_dtype = torch.long if self.spec.output_kind == "classes" else self.dtype
+        self._start = self.spec.start_token if self.spec.prev_input else 0
 
     # ------------------------------------------------------------------ one step
     def initial_params(self, num_samples: int) -> dict[str, torch.Tensor]:
@@ -99,15 +108,37 @@ class OnlineSampler:
             return (scaled + gumbel).argmax(-1)
         return (noise[..., 0] < torch.sigmoid(scaled[..., 0])).to(self.target_dtype)
 
-    def _one_step(self, params, x, y, known, mask, noise, stop_token):
+    def _forward(self, p, inputs: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, (p, self.buffers), (inputs,))
+
+    def _previous_in_order(self, p, x, y, known, noise, prev) -> torch.Tensor:
+        """``[k]`` long: each element's previous target within one step, drawn in order
+        from the step's parameters (``prev`` before the first)."""
+        last, prevs = prev.long(), [prev.long()]
+        for j in range(x.shape[0] - 1):
+            raw = self._forward(p, self.spec.with_previous(x[j : j + 1], last.reshape(1)))
+            drawn = self._draw(raw.reshape(1, self.num_outputs).detach(), noise[j : j + 1])
+            last = torch.where(known[j], y[j], drawn[0].to(y.dtype)).long()
+            prevs.append(last)
+        return torch.stack(prevs)
+
+    def _one_step(self, params, x, y, known, mask, noise, prev, stop_token):
         """One sample, one inner step on elements ``x [k, ...]``: predict, draw the
-        unknown ones, step on the masked mean loss (the engine's ``step_loss``)."""
+        unknown ones, step on the masked mean loss (the engine's ``step_loss``).
+        ``prev``: the target before the step's first element (``prev_input`` only)."""
 
         def step_loss(p):
-            raw = functional_call(self.model, (p, self.buffers), (x,))
+            inputs, prevs = x, None
+            if self.spec.prev_input:
+                prevs = self._previous_in_order(p, x, y, known, noise, prev)
+                inputs = self.spec.with_previous(x, prevs)
+            raw = self._forward(p, inputs)
             logits = raw.reshape(x.shape[0], self.num_outputs)
             drawn = self._draw(logits.detach(), noise)
             target = torch.where(known, y, drawn.to(y.dtype))
+            if prevs is not None:
+                # the elements' targets as drawn in order (the inputs were built from them)
+                target = torch.cat([prevs[1:].to(y.dtype), target[-1:]])
             m = mask
             if stop_token is not None:
                 # elements after an end token (in this step) are padding
@@ -120,7 +151,7 @@ class OnlineSampler:
         new = sgd_update(params, grads, self.rates)
         return new, torch.where(m, target, torch.zeros_like(target)), m, logits
 
-    def step(self, params, x, y, known, mask, noise, stop_token: int | None = None):
+    def step(self, params, x, y, known, mask, noise, stop_token: int | None = None, prev=None):
         """One inner step for every sample at once (``vmap`` of the per-sample step).
 
         Args:
@@ -130,14 +161,18 @@ class OnlineSampler:
             mask: ``[N, k]`` bool, real elements (padding takes no step).
             noise: ``[N, k, C]`` uniform noise for the draws.
             stop_token: a target that ends the sequence (text: NUL), or None.
+            prev: ``[N]`` the target before each sample's first element of the step
+                (``prev_input`` only; default: the start token).
 
         Returns:
             ``(params, y, mask, logits)`` after the step: the new parameters, the targets
             stepped on, the elements stepped on and ``[N, k, C]`` pre-step predictions.
         """
         fn = partial(self._one_step, stop_token=stop_token)
+        if prev is None:
+            prev = torch.full(y.shape[:1], self._start, dtype=torch.long, device=y.device)
         with torch.enable_grad():
-            return vmap(fn, randomness="error")(params, x, y, known, mask, noise)
+            return vmap(fn, randomness="error")(params, x, y, known, mask, noise, prev)
 
     # ------------------------------------------------------------------ sequences
     def run(
@@ -149,6 +184,7 @@ class OnlineSampler:
         generator: torch.Generator | None = None,
         stop_token: int | None = None,
         params: dict[str, torch.Tensor] | None = None,
+        prev: torch.Tensor | None = None,
     ) -> SequenceResult:
         """Run the online schedule over ``x [N, S, ...]`` (one step per
         ``inner_batch_size`` elements, in order), drawing every element not ``known``.
@@ -159,8 +195,14 @@ class OnlineSampler:
         draws comes from ``generator`` (CPU), all of it up front, so a seeded generator
         gives the same samples. ``stop_token``: a drawn (or given) target that ends its
         sample. ``params``: start from these instead of the initial parameters.
+
+        ``x`` holds the elements' own coordinates (text: positions; images: (row, col));
+        with ``task.prev_input`` the sampler appends each element's previous target, the
+        one stepped on just before it in this run (``prev [N]`` before the first: the
+        target a continued run left off at; default: the start token).
         """
         n, s = x.shape[:2]
+        self._check_coordinates(x)
         x = x.to(self.device)
         y = (
             torch.zeros(n, s, dtype=self.target_dtype, device=self.device)
@@ -184,6 +226,11 @@ class OnlineSampler:
         out_mask = torch.zeros_like(mask)
         out_logits = torch.zeros(n, s, self.num_outputs, dtype=self.dtype, device=self.device)
         alive = torch.ones(n, dtype=torch.bool, device=self.device)
+        last = (
+            torch.full((n,), self._start, dtype=torch.long, device=self.device)
+            if prev is None
+            else prev.to(self.device).long().reshape(n)
+        )
         b = self.inner_batch_size
         for start in range(0, s, b):
             end = min(start + b, s)
@@ -196,7 +243,9 @@ class OnlineSampler:
                 chunk_mask,
                 noise[:, start:end],
                 stop_token,
+                last,
             )
+            last = ys[:, -1].long()
             check_sampled_predictions(logits, ms, start, self.module.inner_lr)
             out_y[:, start:end], out_mask[:, start:end] = ys, ms
             out_logits[:, start:end] = logits.detach() * ms[..., None].to(self.dtype)
@@ -207,9 +256,23 @@ class OnlineSampler:
         params = {k: v.detach() for k, v in params.items()}
         return SequenceResult(out_y, out_mask, out_logits, params)
 
-    def feed(self, x, y, mask=None, params=None) -> SequenceResult:
+    def feed(self, x, y, mask=None, params=None, prev=None) -> SequenceResult:
         """Teacher forcing: step through given targets ``y`` at ``x`` (the training
         dynamics); the result's :meth:`~SequenceResult.element_losses` are the online
-        losses."""
+        losses. ``x``, ``params`` and ``prev`` as for :meth:`run`."""
         known = torch.ones(y.shape[:2], dtype=torch.bool)
-        return self.run(x, y, known, mask, params=params)
+        return self.run(x, y, known, mask, params=params, prev=prev)
+
+    def _check_coordinates(self, x: torch.Tensor) -> None:
+        """With ``prev_input``, ``x`` must hold the elements' coordinates only (the
+        sampler appends the previous target): a clear error for model inputs."""
+        if not self.spec.prev_input:
+            return
+        count = len(self.spec.input_sizes)
+        if not (x.dim() == 2 and count == 1) and not (x.dim() == 3 and x.shape[-1] == count):
+            raise SamplingError(
+                f"OnlineSampler.run: x has shape {tuple(x.shape)}; with task.prev_input=true "
+                f"it takes the elements' own {count} coordinate(s), [N, S] or [N, S, {count}] "
+                "(the previous target is appended by the sampler; a batch's support_x gives "
+                "them with task_spec.element_coordinates)"
+            )
