@@ -18,7 +18,9 @@ of tangents (each layer's :meth:`tangent`) and the tangent of the backward pass 
 layer's :meth:`rbackward`). The backward pass is linear in its output seed, so the
 first-order term rides along as an extra seed: one R-pass per step gives both. First-order
 steps (``fomaml``, truncation) skip the tangents. Learned inner rates get
-``-sum theta_bar' * g``.
+``-sum theta_bar' * g``; a rate that changes along the loop (a schedule, per-step rates)
+passes each step's term to the entry of the base rate it came from, times the step's
+schedule factor (:meth:`~reptile_gen.inner_loop.core.StepRates.base_grad`).
 
 Covered: models whose layers all have R-operators (``Linear``, ReLU, Tanh, Identity,
 ``SineLayer``, the encoders) and the three closed-form losses (squared error, cross
