@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
 import pytorch_lightning as pl
@@ -18,6 +18,7 @@ from reptile_gen.data.task_spec import TaskSpec
 from reptile_gen.inner_loop import InnerLoopEngine, InnerLR, InnerSchedule, make_engine
 from reptile_gen.inner_loop.core.guard import DivergenceGuard
 from reptile_gen.inner_loop.core.losses import loss_kind
+from reptile_gen.inner_loop.core.rates import check_schedule
 from reptile_gen.utils.stats import mean_and_ci95
 from reptile_gen.utils.step_logs import RunningMeans, is_logging_step
 
@@ -54,7 +55,16 @@ class MetaLearner(pl.LightningModule):
             takes ``inner_optimizer`` (``{name: sgd|adam|..., **kwargs}``). Default:
             ``{name: functional}``.
         inner_lr: each task's inner step size (never scaled by the meta-batch size).
-        inner_lr_learned: ``none|scalar|per_tensor|per_parameter`` (Meta-SGD).
+        inner_lr_learned: ``none|scalar|per_tensor|per_parameter`` (Meta-SGD), or
+            ``per_step|per_layer_per_step`` (one learned rate per bucket of inner steps,
+            shared or per parameter tensor).
+        inner_lr_schedule: the fixed factor of each inner step's rate: ``constant``,
+            ``linear``, ``cosine``, ``exp`` (from 1 to ``inner_lr_end_factor`` over the
+            steps of a training run) or a list of factors over equal buckets of steps; it
+            multiplies learned rates too (see :mod:`reptile_gen.inner_loop.core.rates`).
+        inner_lr_end_factor: the last step's factor of ``linear``, ``cosine``, ``exp``.
+        inner_lr_buckets: per-step learned modes: how many learned rates along the inner
+            loop (``null``: one per inner step).
         inner_steps: few-shot tasks: inner steps per task in training, each on the whole
             support set. Sequence tasks (``task_spec.sequential``) and ``None`` use the
             online schedule instead: one step per ``inner_batch_size`` elements.
@@ -98,6 +108,9 @@ class MetaLearner(pl.LightningModule):
         engine: Mapping | None = None,
         inner_lr: float = 0.01,
         inner_lr_learned: str = "none",
+        inner_lr_schedule: str | Sequence[float] = "constant",
+        inner_lr_end_factor: float = 0.1,
+        inner_lr_buckets: int | None = None,
         inner_steps: int | None = 1,
         inner_batch_size: int = 1,
         objective: str = "auto",
@@ -130,6 +143,9 @@ class MetaLearner(pl.LightningModule):
                 f"algorithm.objective=query with task {task_spec.name!r}: a sequence task "
                 "has no query set; allowed: online (or auto)"
             )
+        if isinstance(inner_lr_schedule, Sequence) and not isinstance(inner_lr_schedule, str):
+            inner_lr_schedule = list(inner_lr_schedule)  # a ListConfig from the config
+        check_schedule(inner_lr_schedule, inner_lr_end_factor)
         if inner_lr_learned != "none" and not self.learns_inner_lr:
             raise ValueError(
                 f"algorithm.inner_lr_learned={inner_lr_learned!r} with "
@@ -178,10 +194,19 @@ class MetaLearner(pl.LightningModule):
             checkpoint_segments=checkpoint_segments,
             truncate_steps=truncate_steps,
             inner_lr_learned=inner_lr_learned,
+            inner_lr_schedule=inner_lr_schedule,
             compile=compile_,
         )
         self.inner_lr = InnerLR(
-            [(n, p.shape) for n, p in model.named_parameters()], inner_lr, inner_lr_learned
+            [(n, p.shape) for n, p in model.named_parameters()],
+            inner_lr,
+            inner_lr_learned,
+            schedule=inner_lr_schedule,
+            end_factor=inner_lr_end_factor,
+            buckets=inner_lr_buckets,
+            horizon=_inner_horizon(
+                task_spec, None if sequential else inner_steps, inner_batch_size
+            ),
         )
         self.objective = objective
         self.train_schedule = InnerSchedule(None if sequential else inner_steps, inner_batch_size)
@@ -427,6 +452,17 @@ def engine_config(engine: Mapping | None) -> dict:
     out = copy.deepcopy(dict(plain))
     out.setdefault("name", "functional")
     return out
+
+
+def _inner_horizon(task_spec: TaskSpec, inner_steps: int | None, inner_batch_size: int):
+    """Inner steps of a training run, the span of a rate schedule: few-shot, the
+    training ``inner_steps``; a sequence task, its positions over ``inner_batch_size``;
+    None when only the data tell (an online schedule on a few-shot task)."""
+    if inner_steps is not None:
+        return int(inner_steps)
+    if task_spec.sequential and task_spec.input_sizes:
+        return math.ceil(math.prod(task_spec.input_sizes) / inner_batch_size)
+    return None
 
 
 def _check_positive(name: str, value, kind, allow_zero: bool = False) -> None:

@@ -4,7 +4,7 @@ The prediction of element ``i`` is the model after one inner SGD step per
 ``inner_batch_size`` elements on the elements before it, starting from the meta-learned
 initial parameters. A sample is drawn element by element: predict ``y_i`` at ``x_i``,
 draw it (at a temperature), take the SGD step on ``(x_i, y_i)`` with the module's inner
-learning rates (learned Meta-SGD rates included) through the core update
+learning rates (learned Meta-SGD rates and per-step rates included) through the core update
 (:func:`reptile_gen.inner_loop.core.sgd_update`), go on. Every step is one
 ``torch.func.vmap`` over samples of a per-sample step (``torch.func.grad`` of the step's
 loss, whose forward pass also draws the unknown elements), so the dynamics are exactly
@@ -122,7 +122,7 @@ class OnlineSampler:
             prevs.append(last)
         return torch.stack(prevs)
 
-    def _one_step(self, params, x, y, known, mask, noise, prev, stop_token):
+    def _one_step(self, params, x, y, known, mask, noise, prev, stop_token, rates):
         """One sample, one inner step on elements ``x [k, ...]``: predict, draw the
         unknown ones, step on the masked mean loss (the engine's ``step_loss``).
         ``prev``: the target before the step's first element (``prev_input`` only)."""
@@ -148,10 +148,12 @@ class OnlineSampler:
             return masked_mean(elements, m), (target, m, logits.detach())
 
         grads, (target, m, logits) = grad(step_loss, has_aux=True)(params)
-        new = sgd_update(params, grads, self.rates)
+        new = sgd_update(params, grads, rates)
         return new, torch.where(m, target, torch.zeros_like(target)), m, logits
 
-    def step(self, params, x, y, known, mask, noise, stop_token: int | None = None, prev=None):
+    def step(
+        self, params, x, y, known, mask, noise, stop_token: int | None = None, prev=None, rates=None
+    ):
         """One inner step for every sample at once (``vmap`` of the per-sample step).
 
         Args:
@@ -163,12 +165,15 @@ class OnlineSampler:
             stop_token: a target that ends the sequence (text: NUL), or None.
             prev: ``[N]`` the target before each sample's first element of the step
                 (``prev_input`` only; default: the start token).
+            rates: ``{name: rate}`` of this step (None: the base rates, as for a module
+                whose rates do not change along the inner loop).
 
         Returns:
             ``(params, y, mask, logits)`` after the step: the new parameters, the targets
             stepped on, the elements stepped on and ``[N, k, C]`` pre-step predictions.
         """
-        fn = partial(self._one_step, stop_token=stop_token)
+        rates = self.rates if rates is None else rates
+        fn = partial(self._one_step, stop_token=stop_token, rates=rates)
         if prev is None:
             prev = torch.full(y.shape[:1], self._start, dtype=torch.long, device=y.device)
         with torch.enable_grad():
@@ -232,6 +237,8 @@ class OnlineSampler:
             else prev.to(self.device).long().reshape(n)
         )
         b = self.inner_batch_size
+        # the rate of each step, as in training (scheduled or per-step learned rates)
+        plan = self.module.inner_lr.step_rates(len(range(0, s, b)))
         for start in range(0, s, b):
             end = min(start + b, s)
             chunk_mask = mask[:, start:end] & alive[:, None]
@@ -244,6 +251,7 @@ class OnlineSampler:
                 noise[:, start:end],
                 stop_token,
                 last,
+                plan.at(self.rates, start // b),
             )
             last = ys[:, -1].long()
             check_sampled_predictions(logits, ms, start, self.module.inner_lr)

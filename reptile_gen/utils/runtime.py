@@ -102,6 +102,9 @@ def check_config(cfg: DictConfig) -> None:
 #: MetaLearner's inner-loop options, which mean nothing to an algorithm without one
 INNER_LOOP_KEYS = (
     "inner_lr",
+    "inner_lr_schedule",
+    "inner_lr_end_factor",
+    "inner_lr_buckets",
     "inner_steps",
     "inner_batch_size",
     "objective",

@@ -99,12 +99,27 @@ def module_of(tmp_path, overrides, double=False):
         [*TEXT, "algorithm.inner_lr_learned=per_parameter"],
         [*DIGITS, "algorithm.inner_lr_learned=scalar", "algorithm.inner_batch_size=3"],
         [*DIGITS, "task.pixel_order=random", "algorithm.inner_lr_learned=per_tensor"],
+        [*TEXT, "algorithm.inner_lr_learned=per_step", "algorithm.inner_lr_schedule=linear"],
+        [
+            *DIGITS,
+            "algorithm.inner_lr_learned=per_layer_per_step",
+            "algorithm.inner_lr_buckets=5",
+            "algorithm.inner_lr_schedule=[1.0,0.5,0.25]",
+            "algorithm.inner_batch_size=3",
+        ],
     ],
-    ids=["text-per_parameter", "digits-scalar-batch3", "digits-random-order-per_tensor"],
+    ids=[
+        "text-per_parameter",
+        "digits-scalar-batch3",
+        "digits-random-order-per_tensor",
+        "text-per_step-linear",
+        "digits-per_layer_per_step-list-batch3",
+    ],
 )
 def test_teacher_forcing_reproduces_the_engine_online_losses(tmp_path, overrides):
     """Feeding a sequence through the sampler's steps is training's inner loop: the same
-    online element losses as the functional engine (float64), learned rates included."""
+    online element losses as the functional engine (float64), learned rates included (per
+    step and scheduled ones too)."""
     datamodule, module = module_of(tmp_path, overrides, double=True)
     generator = torch.Generator().manual_seed(1)
     for rates in module.inner_lr.parameters():  # learned rates far from their init

@@ -15,7 +15,16 @@ from reptile_gen.inner_loop.core.plan import (
     step_weights,
     steps_with_data,
 )
-from reptile_gen.inner_loop.core.rates import LEARNED_LR_MODES, InnerLR, RateSlots, split_rates
+from reptile_gen.inner_loop.core.rates import (
+    LEARNED_LR_MODES,
+    LR_SCHEDULES,
+    PER_STEP_MODES,
+    InnerLR,
+    RateSlots,
+    StepRates,
+    per_step_rates,
+    split_rates,
+)
 from reptile_gen.inner_loop.core.result import (
     InnerLoopEngine,
     InnerLoopResult,
@@ -31,14 +40,18 @@ __all__ = [
     "InnerLoopResult",
     "InnerSchedule",
     "LEARNED_LR_MODES",
+    "LR_SCHEDULES",
+    "PER_STEP_MODES",
     "LossFn",
     "RateSlots",
+    "StepRates",
     "check_truncate_steps",
     "first_order_before",
     "first_visit",
     "last_active_step",
     "masked_mean",
     "num_segments",
+    "per_step_rates",
     "segment_bounds",
     "sgd_step",
     "sgd_update",

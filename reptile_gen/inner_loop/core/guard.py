@@ -28,6 +28,10 @@ def describe_rates(rates) -> str:
     if isinstance(rates, (int, float)):
         return f"inner_lr={float(rates):g}"
     learned = getattr(rates, "learned", "none")
+    schedule = getattr(rates, "schedule", "constant")
+    if schedule != "constant":  # a fixed factor per step multiplies the rates below
+        schedule = list(schedule) if isinstance(schedule, tuple) else schedule
+        return f"inner_lr_schedule={schedule} of " + describe_rates(_Unscheduled(rates))
     if learned == "none":
         return f"inner_lr={getattr(rates, 'init', float('nan')):g}"
     values = [
@@ -37,6 +41,15 @@ def describe_rates(rates) -> str:
     if flat.numel() == 0:
         return f"learned ({learned})"
     return f"learned ({learned}) in [{flat.min().item():g}, {flat.max().item():g}]"
+
+
+class _Unscheduled:
+    """An :class:`InnerLR` seen without its schedule (for :func:`describe_rates`)."""
+
+    schedule = "constant"
+
+    def __init__(self, rates) -> None:
+        self.learned, self.init, self.rates_by_name = rates.learned, rates.init, rates.rates_by_name
 
 
 def _first_bad(values: torch.Tensor) -> tuple[list[int], int | None, float]:

@@ -47,6 +47,7 @@ from reptile_gen.inner_loop.core import (
     first_order_before,
     first_visit,
     num_segments,
+    per_step_rates,
     segment_bounds,
     steps_with_data,
 )
@@ -71,8 +72,9 @@ class FunctionalEngine(InnerLoopEngine):
 
     Parameters are a dict of tensors, the SGD step ``theta - lr * g`` is an ordinary tensor
     op, and ``torch.func.grad`` composes with the outer autograd graph, so second-order
-    MAML needs nothing special. Supports plain SGD as the inner optimizer, fixed or
-    learned (scalar, per-tensor, per-parameter) inner learning rates, and masks.
+    MAML needs nothing special. Supports plain SGD as the inner optimizer, fixed,
+    scheduled or learned (scalar, per-tensor, per-parameter, per-step, per-layer per-step)
+    inner learning rates, and masks (rates that change along the loop: not compiled).
 
     Args:
         chunk_size: tasks per ``vmap`` chunk (None: all at once).
@@ -135,7 +137,10 @@ class FunctionalEngine(InnerLoopEngine):
                 "(inner_optimizer.name=sgd, no extra options)"
             )
         options = dict(options)
-        options.pop("inner_lr_learned", None)  # every mode is supported
+        learned = options.pop("inner_lr_learned", "none")  # every mode is supported
+        schedule = options.pop("inner_lr_schedule", "constant")
+        if options.get("compile") and per_step_rates(learned, schedule):
+            raise ValueError(_COMPILE_PER_STEP.format(compile=options["compile"]))
         return cls(**options)
 
     def resolve_path(self, model: nn.Module, names: list[str] | None = None) -> tuple[str, object]:
@@ -193,15 +198,16 @@ class FunctionalEngine(InnerLoopEngine):
         slices = schedule.slices(batch.support_x.shape[1])
         records = first_visit(slices)
         num_steps = len(slices)
+        step_rates = lr.step_rates(num_steps)
         n_first_order = first_order_before(num_steps, grad_mode, self.truncate_steps)
         path, batched = self.resolve_path(model, names)
         track = track_query and batch.has_query
         if path == "vmap_grad":
-            runner = SegmentRunner(model, names, loss_fn, rates, self.chunk_size, track)
+            runner = SegmentRunner(model, names, loss_fn, rates, self.chunk_size, track, step_rates)
         else:
             runner = BatchedRunner(
                 model, names, loss_fn, rates, self.chunk_size, track, path, batched,
-                hand_backward=self.hand_backward,
+                hand_backward=self.hand_backward, step_rates=step_rates,
             )  # fmt: skip
         data = (batch.support_x, batch.support_y, batch.support_mask)
         query = (batch.query_x, batch.query_y) if batch.has_query else None
@@ -222,7 +228,7 @@ class FunctionalEngine(InnerLoopEngine):
             query_losses.append(runner.query_losses(params, query))
         for a, b in zip(bounds[:-1], bounds[1:]):
             steps = [
-                (slices[i][0], slices[i][1], records[i], i < n_first_order) for i in range(a, b)
+                (slices[i][0], slices[i][1], records[i], i < n_first_order, i) for i in range(a, b)
             ]
             if segments > 1:
                 segment = _flat_segment(runner, steps, query, data, len(names))
@@ -264,6 +270,8 @@ class FunctionalEngine(InnerLoopEngine):
         is not one, e.g. evaluation; the eager path runs it)."""
         plan_ = compiled.plan(model)  # a model it does not cover is an error on any call
         loss = compiled.check_call(loss_fn, self.checkpoint_segments)
+        if lr.per_step:
+            raise ValueError(_COMPILE_PER_STEP.format(compile=self.compile))
         if (
             eager_only
             or grad_mode == "none"
@@ -290,6 +298,14 @@ class FunctionalEngine(InnerLoopEngine):
             query_losses=query,
             objective=objective,
         )
+
+
+_COMPILE_PER_STEP = (
+    "engine.compile={compile} with inner rates that change along the inner loop "
+    "(algorithm.inner_lr_schedule other than constant, or inner_lr_learned=per_step|"
+    "per_layer_per_step): the compiled program takes one rate per tensor for every step; "
+    "allowed: engine.compile=false"
+)
 
 
 def _pad_to(element_losses: torch.Tensor, length: int) -> torch.Tensor:

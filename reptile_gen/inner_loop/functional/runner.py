@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call, vmap
 
-from reptile_gen.inner_loop.core import RateSlots, sgd_step, step_weights
+from reptile_gen.inner_loop.core import RateSlots, StepRates, sgd_step, step_weights
 from reptile_gen.inner_loop.core.losses import closed_form_loss
 from reptile_gen.inner_loop.core.model_plan import BatchedModel
 from reptile_gen.inner_loop.functional import second_order as reverse_pass
@@ -58,6 +58,8 @@ class BatchedRunner:
             gradient) or ``vmap`` (``vmap(functional_call)`` forward, autograd inner
             gradient).
         batched: the compiled model (needed by ``analytic`` and ``autograd``).
+        step_rates: the run's :class:`~reptile_gen.inner_loop.core.StepRates` (scheduled or
+            per-step learned rates; None: the same rates at every step).
     """
 
     def __init__(
@@ -71,11 +73,12 @@ class BatchedRunner:
         path: str,
         batched: BatchedModel | None,
         hand_backward: bool = True,
+        step_rates: StepRates | None = None,
     ) -> None:
         self.model = model
         self.names = names
         self.loss_fn = loss_fn
-        self.slots = RateSlots(rates)
+        self.slots = RateSlots(rates, step_rates)
         self.rate_tensors = self.slots.tensors
         self.chunk_size = chunk_size
         self.track_query = track_query
@@ -121,9 +124,10 @@ class BatchedRunner:
             out.append(fn([p[lo:hi] for p in params], tuple(q[lo:hi] for q in query)))
         return torch.cat(out)
 
-    def rates(self, rate_tensors) -> dict:
-        """``{name: rate}`` with the learned rates taken from ``rate_tensors``."""
-        return self.slots.rates(rate_tensors)
+    def rates(self, rate_tensors, step: int | None = None) -> dict:
+        """``{name: rate}`` with the learned rates taken from ``rate_tensors`` (the base
+        rates, or with ``step`` that step's rates)."""
+        return self.slots.rates(rate_tensors, step)
 
     # -------------------------------------------------------------- one step
     def _step_grads(self, params, x, y, weights, graph: bool, second_order: bool):
@@ -165,7 +169,7 @@ class BatchedRunner:
         return grads, elements if graph else elements.detach()
 
     def segment(self, steps, query, data, params, rate_tensors):
-        """Run ``steps`` (``(start, end, record, first_order)`` each) from batched
+        """Run ``steps`` (``(start, end, record, first_order, index)`` each) from batched
         ``params``; returns the new params, ``[B, n]`` step losses, ``[B, e]`` element
         losses of the recorded steps and ``[B, n]`` query losses (if tracked)."""
         if self.chunk_size is None or params[0].shape[0] <= self.chunk_size:
@@ -186,6 +190,7 @@ class BatchedRunner:
 
     def _segment(self, steps, query, data, params, rate_tensors):
         track_query = self.track_query and query is not None
+        per_step = self.slots.steps is not None
         rates = [self.rates(rate_tensors)[n] for n in self.names]
         sx, sy, sm = data
         grad_on = torch.is_grad_enabled()
@@ -195,9 +200,12 @@ class BatchedRunner:
                 self, steps, data, len(params), *params, *rate_tensors
             )
         step_losses, element_losses, query_losses = [], [], []
-        for start, end, record, first_order in steps:
+        for start, end, record, first_order, index in steps:
             x, y = sx[:, start:end], sy[:, start:end]
             mask, weights = step_weights(sm, start, end, params[0].dtype)
+            if per_step:
+                step_rates = self.rates(rate_tensors, index)
+                rates = [step_rates[n] for n in self.names]
             grads, elements = self._step_grads(
                 params, x, y, weights, graph, second_order=graph and not first_order
             )

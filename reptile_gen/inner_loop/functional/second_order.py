@@ -18,7 +18,9 @@ of tangents (each layer's :meth:`tangent`) and the tangent of the backward pass 
 layer's :meth:`rbackward`). The backward pass is linear in its output seed, so the
 first-order term rides along as an extra seed: one R-pass per step gives both. First-order
 steps (``fomaml``, truncation) skip the tangents. Learned inner rates get
-``-sum theta_bar' * g``.
+``-sum theta_bar' * g``; a rate that changes along the loop (a schedule, per-step rates)
+passes each step's term to the entry of the base rate it came from, times the step's
+schedule factor (:meth:`~reptile_gen.inner_loop.core.StepRates.base_grad`).
 
 Covered: models whose layers all have R-operators (``Linear``, ReLU, Tanh, Identity,
 ``SineLayer``, the encoders) and the three closed-form losses (squared error, cross
@@ -117,33 +119,42 @@ class HandSegment(torch.autograd.Function):
     def forward(ctx, runner, steps, data, num_params, *tensors):
         params = list(tensors[:num_params])
         rate_tensors = list(tensors[num_params:])
-        rates = runner.rates(rate_tensors)
-        rate_list = [rates[n] for n in runner.names]
-        shared_rate = _shared_rate(rate_list)
         names, batched, loss_grad = runner.names, runner.batched, runner.loss_grad
+        per_step = runner.slots.steps is not None
+
+        def step_rates(index):
+            """``(rates by parameter, the one fixed rate they share or None)`` of a step."""
+            rates = runner.rates(rate_tensors, index if per_step else None)
+            rate_list = [rates[n] for n in names]
+            return rate_list, _shared_rate(rate_list)
+
+        constant = None if per_step else step_rates(None)
         sx, sy, sm = data
         # the inner gradients are kept only for the learned rates' gradients
         keep_grads = any(t.requires_grad for t in rate_tensors)
         tape, step_losses, element_losses = [], [], []
         masks: dict = {}  # few-shot steps revisit the same slice: its weights once
-        for start, end, record, first_order in steps:
+        for start, end, record, first_order, index in steps:
             x, y = sx[:, start:end], sy[:, start:end]
             if (start, end) not in masks:
                 masks[start, end] = step_weights(sm, start, end, params[0].dtype)
             mask, weights = masks[start, end]
+            rate_list, shared_rate = constant or step_rates(index)
             p = dict(zip(names, params))
             pred, saved, deltas, elements, g, grads = _forward_backward(
                 batched, loss_grad, p, x, y, weights
             )
             grads = [grads[n] for n in names]
             kept = grads if keep_grads else None
-            tape.append((p, y, weights, mask, record, first_order, pred, saved, deltas, g, kept))
+            tape.append(
+                (p, y, weights, mask, record, first_order, pred, saved, deltas, g, kept)
+                + (index, rate_list, shared_rate)
+            )
             step_losses.append((elements * weights).sum(1))
             if record:
                 element_losses.append(elements * mask)
             params = _update(params, grads, rate_list, shared_rate)
-        ctx.runner, ctx.tape, ctx.rate_list = runner, tape, rate_list
-        ctx.shared_rate = shared_rate
+        ctx.runner, ctx.tape = runner, tape
         ctx.num_params, ctx.rate_tensors = num_params, rate_tensors
         num_tasks = sx.shape[0]
         zero = sx.new_zeros((num_tasks, 0), dtype=params[0].dtype)
@@ -157,8 +168,9 @@ class HandSegment(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_outputs):
         _refuse_create_graph()
-        runner, tape, rate_list = ctx.runner, ctx.tape, ctx.rate_list
+        runner, tape = ctx.runner, ctx.tape
         names, batched = runner.names, runner.batched
+        plan = runner.slots.steps  # per-step rates: each step's rate maps to its base
         curvature = runner.loss_grad.curvature
         n = ctx.num_params
         theta_bar = list(grad_outputs[:n])
@@ -169,11 +181,12 @@ class HandSegment(torch.autograd.Function):
         offset = g_elements.shape[1]
         scaled: dict = {}  # weights * factor, once per distinct weights tensor
         for k in reversed(range(len(tape))):
-            p, y, weights, mask, record, first_order, pred, saved, deltas, g, grads = tape[k]
+            p, y, weights, mask, record, first_order, pred, saved, deltas, g, grads = tape[k][:11]
+            index, rate_list, shared_rate = tape[k][11:]
             # the R-pass is linear in (v, seed): with one fixed rate r, pass v = theta_bar
             # and seed / r and scale the result by r (no per-tensor product r * theta_bar);
             # the seed is minus the first-order term, B(-c g)
-            scale = ctx.shared_rate if not first_order and ctx.shared_rate else None
+            scale = shared_rate if not first_order and shared_rate else None
             factor = -1.0 / scale if scale is not None else -1.0
             key = (id(weights), factor)
             if key not in scaled:
@@ -185,7 +198,12 @@ class HandSegment(torch.autograd.Function):
                 offset -= width
             for i, slot in enumerate(slots):
                 if slot is not None and wanted[slot]:
-                    term = -_reduce_to(theta_bar[i] * grads[i], ctx.rate_tensors[slot])
+                    like = ctx.rate_tensors[slot]
+                    if plan is None:
+                        term = -_reduce_to(theta_bar[i] * grads[i], like)
+                    else:  # d/d(this step's rate), then to the base tensor it comes from
+                        term = -_reduce_to(theta_bar[i] * grads[i], rate_list[i])
+                        term = plan.base_grad(index, term, like)
                     rate_grads[slot] = add_grad(rate_grads[slot], term)
             if first_order:
                 v = None

@@ -15,13 +15,15 @@ class SegmentRunner:
     """Runs a stretch of inner steps for all tasks at once (``vmap`` over tasks of
     ``grad``): the ``vmap_grad`` path."""
 
-    def __init__(self, model, names, loss_fn, rates, chunk_size, track_query) -> None:
+    def __init__(
+        self, model, names, loss_fn, rates, chunk_size, track_query, step_rates=None
+    ) -> None:
         self.model = model
         self.names = names
         self.loss_fn = loss_fn
         # learned rates become explicit inputs (so a checkpointed segment can return
         # their gradients); fixed ones stay floats
-        self.slots = RateSlots(rates)
+        self.slots = RateSlots(rates, step_rates)
         self.rate_tensors = self.slots.tensors
         self.chunk_size = chunk_size
         self.track_query = track_query
@@ -45,17 +47,16 @@ class SegmentRunner:
         return vmap(one, chunk_size=self.chunk_size)(*query, *params)
 
     def segment(self, steps, query, data, params, rate_tensors):
-        """Run ``steps`` (``(start, end, record, first_order)`` each) from batched
+        """Run ``steps`` (``(start, end, record, first_order, index)`` each) from batched
         ``params`` with the learned rates ``rate_tensors``; returns the new params,
         ``[B, n]`` step losses, ``[B, e]`` element losses of the recorded steps, and
         ``[B, n]`` query losses (if tracked)."""
         track_query = self.track_query and query is not None
-        rates = self.slots.rates(rate_tensors)
 
         def one_task(sx, sy, sm, qx, qy, *flat):
             p = dict(zip(self.names, flat))
             step_losses, element_losses, query_losses = [], [], []
-            for start, end, record, first_order in steps:
+            for start, end, record, first_order, index in steps:
                 x, y, m = sx[start:end], sy[start:end], sm[start:end]
                 grads, elements = self.step_grad(p, x, y, m)
                 # the step's loss again from its elements (no second forward pass)
@@ -64,7 +65,7 @@ class SegmentRunner:
                     element_losses.append(elements)
                 if first_order:
                     grads = {k: g.detach() for k, g in grads.items()}
-                p = sgd_update(p, grads, rates)
+                p = sgd_update(p, grads, self.slots.rates(rate_tensors, index))
                 if track_query:
                     query_losses.append(self._query_loss(p, qx, qy))
             zero = sx.new_zeros((0,), dtype=flat[0].dtype)

@@ -45,7 +45,9 @@ class HigherEngine(InnerLoopEngine):
 
     First-order MAML detaches the inner gradients through ``grad_callback``; learned inner
     learning rates enter as higher's differentiable ``override`` of each parameter group's
-    ``lr`` (one group per parameter tensor). A step whose elements are all padding is
+    ``lr`` (one group per parameter tensor); rates that change along the loop (a schedule,
+    per-step learned rates) override it at every step (with another inner optimizer, the
+    schedule is that optimizer's ``lr`` per step). A step whose elements are all padding is
     skipped, so stateful optimizers (Adam's moments, step counts) are not advanced by it.
 
     Args:
@@ -74,7 +76,8 @@ class HigherEngine(InnerLoopEngine):
                 f"engine.inner_optimizer.name={inner_optimizer!r}; allowed with "
                 f"engine=higher: {', '.join(INNER_OPTIMIZERS)}"
             )
-        options = {k: v for k, v in options.items() if k not in ("compile", "inner_lr_learned")}
+        skip = ("compile", "inner_lr_learned", "inner_lr_schedule")  # every rate is supported
+        options = {k: v for k, v in options.items() if k not in skip}
         truncate_steps = options.pop("truncate_steps", None)
         unsupported = sorted(k for k, v in options.items() if v not in (None, 1))
         if unsupported:
@@ -105,15 +108,18 @@ class HigherEngine(InnerLoopEngine):
 
         names = [n for n, _ in model.named_parameters()]
         rates = lr.rates_by_name()
-        override = None
-        if lr.is_learned:
-            override = {
-                "lr": [rates[n].detach() if grad_mode == "none" else rates[n] for n in names]
-            }
+        if grad_mode == "none":
+            rates = {n: r.detach() if torch.is_tensor(r) else r for n, r in rates.items()}
+        slices = schedule.slices(batch.support_x.shape[1])
+        plan = lr.step_rates(len(slices))
+        override, step_lrs = None, None
+        if not plan.constant:  # each step overrides every group's lr with its own rate
+            step_lrs = [{"lr": [plan.at(rates, i)[n] for n in names]} for i in range(len(slices))]
+        elif lr.is_learned:
+            override = {"lr": [rates[n] for n in names]}
         optimizer = INNER_OPTIMIZERS[self.inner_optimizer](
             [{"params": [p]} for p in model.parameters()], lr=lr.init, **self.inner_optimizer_kwargs
         )
-        slices = schedule.slices(batch.support_x.shape[1])
         records = first_visit(slices)
         # steps before n_first_order have their inner gradients treated as constants
         n_first_order = first_order_before(len(slices), grad_mode, self.truncate_steps)
@@ -149,6 +155,7 @@ class HigherEngine(InnerLoopEngine):
                     if bool(m.any()):
                         diffopt.step(
                             loss,
+                            override=None if step_lrs is None else step_lrs[i],
                             grad_callback=_detach_all if i < n_first_order else None,
                         )
                     if has_query and track_query:

@@ -45,7 +45,8 @@ prefix of the batch, and every step (with or without a graph) runs on that prefi
 the idle tasks get zero history rows (written only where a reader needs them).
 
 Limits (clear errors): plain SGD only; learned inner rates ``scalar`` or ``per_tensor``
-(a ``per_parameter`` rate matrix does not factor out of the sum); each low-rank layer
+(a ``per_parameter`` rate matrix does not factor out of the sum), the same at every step
+(no ``inner_lr_schedule``, no per-step rates: one rate per history); each low-rank layer
 must run once per forward pass.
 """
 
@@ -64,6 +65,7 @@ from reptile_gen.inner_loop.core import (
     check_truncate_steps,
     last_active_step,
     num_segments,
+    per_step_rates,
 )
 from reptile_gen.inner_loop.lowrank.run import Run
 from reptile_gen.inner_loop.lowrank.sites import FOLDS
@@ -87,6 +89,22 @@ def _check_learned(value: str) -> None:
         )
 
 
+def _check_constant_rates(learned: str, schedule) -> None:
+    """One rate per layer for the whole loop: the history's rows share it."""
+    if per_step_rates(learned, schedule):
+        key = (
+            f"inner_lr_learned={learned}"
+            if per_step_rates(learned, "constant")
+            else f"inner_lr_schedule={schedule}"
+        )
+        raise ValueError(
+            f"algorithm.{key} with engine=lowrank: the low-rank engine applies one rate per "
+            "layer to its whole update history, not a rate per inner step; allowed: "
+            "inner_lr_schedule=constant and inner_lr_learned=none|scalar|per_tensor, or "
+            "engine=functional|higher"
+        )
+
+
 class LowRankEngine(InnerLoopEngine):
     """Inner SGD with shared initial weights and per-task low-rank update histories.
 
@@ -99,6 +117,8 @@ class LowRankEngine(InnerLoopEngine):
             updates (None: all).
         inner_lr_learned: the learned-rate mode the engine will be run with, checked when
             the engine is built (``none``, ``scalar`` or ``per_tensor``).
+        inner_lr_schedule: the fixed rate schedule it will be run with (``constant``
+            only: one rate per layer for the whole history).
         fold: how a recomputed checkpoint segment reads the history before it: ``auto``
             (as rows or folded into a dense per-task weight delta, whichever reads less),
             ``always`` (folded) or ``never`` (rows); the same numbers.
@@ -116,6 +136,7 @@ class LowRankEngine(InnerLoopEngine):
         checkpoint_segments: int | str | None = None,
         truncate_steps: int | None = None,
         inner_lr_learned: str = "none",
+        inner_lr_schedule="constant",
         fold: str = "auto",
         poison_history: bool = False,
         on_step: Callable[[str, int], None] | None = None,
@@ -126,6 +147,7 @@ class LowRankEngine(InnerLoopEngine):
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         ):
             raise ValueError(f"engine.chunk_size={chunk_size!r}; allowed: null or an integer >= 1")
+        _check_constant_rates(inner_lr_learned, inner_lr_schedule)
         _check_learned(inner_lr_learned)
         if fold not in FOLDS:
             raise ValueError(f"low-rank engine fold={fold!r}; allowed: {', '.join(FOLDS)}")
@@ -161,6 +183,7 @@ class LowRankEngine(InnerLoopEngine):
         track_query: bool = False,
         return_adapted: bool | str = False,
     ) -> InnerLoopResult:
+        _check_constant_rates(lr.learned, lr.schedule if lr.per_step else "constant")
         _check_learned(lr.learned)
         if return_adapted not in (False, True, "mean"):
             raise ValueError(f"return_adapted={return_adapted!r}; allowed: False, True, 'mean'")
