@@ -15,9 +15,11 @@ Only load checkpoints you trust: a ``.ckpt`` is a pickle.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -39,6 +41,7 @@ __all__ = [
     "print_summary",
     "source_record",
     "test_and_report",
+    "with_run_groups",
 ]
 
 log = logging.getLogger(__name__)
@@ -341,13 +344,60 @@ _MISSING = object()
 
 
 # ---------------------------------------------------------------------- eval/sample runs
+#: the group choices :func:`with_run_groups` put on the command line (not the user's)
+_RUN_GROUPS: list[str] = []
+
+
+def run_group_choices(argv: list[str]) -> list[str]:
+    """The group choices (``experiment=``, ``task=``, ...) of the run that wrote the
+    checkpoint ``argv`` names, for the groups ``argv`` does not choose itself. Composing the
+    eval/sample app with them makes that run's own keys valid overrides (``task.max_len``
+    of a text run: the app's default task is sine). ``[]`` for a sweep (``-m``), several
+    checkpoints, or a run whose files cannot be read (the app then says what is wrong)."""
+    if any(a in ("-m", "--multirun") for a in argv):
+        return []
+    values = dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith(("-", "~")))
+    ckpt = values.get("ckpt_path")
+    if not ckpt or "," in ckpt:
+        return []
+    try:
+        run_cfg = find_run_config(resolve_ckpt_path(ckpt), values.get("run_config"))
+    except Exception:
+        return []
+    given = {k.lstrip("+").split("@")[0] for k in values}
+    added = []
+    for line in run_overrides(run_cfg):
+        key, sep, _ = line.partition("=")
+        if not sep or key.startswith(("+", "~")) or key in given or key == "hparams_search":
+            continue
+        if "." not in key and (Path(CONF_DIR) / key).is_dir():
+            added.append(line)
+    return added
+
+
+def with_run_groups(main):
+    """Wrap an eval/sample Hydra entry point: the checkpoint's run's group choices (see
+    :func:`run_group_choices`) go on the command line before Hydra composes it; they are
+    not the user's overrides (:func:`hydra_overrides` leaves them out)."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        if not args and not kwargs:
+            _RUN_GROUPS[:] = run_group_choices(sys.argv[1:])
+            sys.argv[1:1] = _RUN_GROUPS
+        return main(*args, **kwargs)
+
+    return wrapper
+
+
 def hydra_overrides() -> list[str]:
-    """This Hydra app's command-line overrides (``[]`` outside a Hydra app)."""
+    """This Hydra app's command-line overrides (``[]`` outside a Hydra app), without the
+    group choices :func:`with_run_groups` added."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return []
-    return list(HydraConfig.get().overrides.task)
+    return [o for o in HydraConfig.get().overrides.task if o not in _RUN_GROUPS]
 
 
 def hydra_subdir(out_dir: Path) -> Path | None:

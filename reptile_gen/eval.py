@@ -36,6 +36,7 @@ from reptile_gen.cli import (
     hydra_subdir,
     source_record,
     test_and_report,
+    with_run_groups,
 )
 from reptile_gen.utils.config_compat import exit_on_moved_overrides
 from reptile_gen.utils.runtime import (
@@ -101,6 +102,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         finish_loggers(loggers)
 
 
+@with_run_groups
 @exit_on_moved_overrides
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 @report_errors

@@ -26,7 +26,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from reptile_gen import CONF_DIR
-from reptile_gen.cli import build_eval_config, hydra_subdir, source_record
+from reptile_gen.cli import build_eval_config, hydra_subdir, source_record, with_run_groups
 from reptile_gen.utils.config_compat import exit_on_moved_overrides
 from reptile_gen.utils.runtime import ConfigError, check_checkpoint_matches, check_config
 from reptile_gen.utils.user_errors import report_errors
@@ -195,8 +195,12 @@ def _run(cfg: DictConfig) -> None:
     sample(cfg)
 
 
-main = exit_on_moved_overrides(
-    hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")(report_errors(_run))
+main = with_run_groups(
+    exit_on_moved_overrides(
+        hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")(
+            report_errors(_run)
+        )
+    )
 )
 main.__doc__ = "Entry point of `python -m reptile_gen.sample` and `reptile-gen-sample`."
 

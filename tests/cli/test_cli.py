@@ -233,3 +233,60 @@ def test_train_with_per_step_inner_rates(project, tmp_path):
     assert rates and all(v.shape == (4,) for v in rates.values())
     init = yaml.safe_load((REPO_ROOT / "conf" / "algorithm" / "maml.yaml").read_text())["inner_lr"]
     assert any((v - init).abs().max() > 0 for v in rates.values())
+
+
+def test_eval_and_sample_take_keys_only_the_runs_task_has(project, tmp_path):
+    """The eval/sample apps' own default task is sine: the checkpoint's run's group
+    choices are composed first, so a text-only key (``task.prev_input``, ``task.corpus``)
+    is a valid override there, and it is recorded as the user's only override."""
+    run_dir = tmp_path / "text_run"
+    check(
+        run_cli(
+            [
+                "-m",
+                "reptile_gen.train",
+                "task=text",
+                "task.max_len=24",
+                "debug=fast",
+                "logger=none",
+                f"hydra.run.dir={run_dir}",
+            ],
+            project,
+        )
+    )
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    eval_dir = tmp_path / "eval"
+    check(
+        run_cli(
+            [
+                "-m",
+                "reptile_gen.eval",
+                f"ckpt_path={ckpt}",
+                "task.prev_input=false",
+                "task.num_test_tasks=2",
+                f"hydra.run.dir={eval_dir}",
+            ],
+            project,
+        )
+    )
+    source = yaml.safe_load((eval_dir / ".hydra" / "eval_source.yaml").read_text())
+    assert source["eval_overrides"] == [
+        f"ckpt_path={ckpt}",
+        "task.prev_input=false",
+        "task.num_test_tasks=2",
+    ]
+    sample_dir = tmp_path / "sample"
+    check(
+        run_cli(
+            [
+                "-m",
+                "reptile_gen.sample",
+                f"ckpt_path={ckpt}",
+                "task.corpus=pydoc",
+                "num_samples=2",
+                f"hydra.run.dir={sample_dir}",
+            ],
+            project,
+        )
+    )
+    assert (sample_dir / "samples.txt").is_file()
