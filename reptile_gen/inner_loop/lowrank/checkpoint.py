@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import torch
+from torch.profiler import record_function
 
 from reptile_gen.inner_loop.lowrank.sites import fold, folds
 from reptile_gen.inner_loop.lowrank.state import Env, Step
@@ -117,15 +118,17 @@ class CheckpointedLoop(torch.autograd.Function):
                     if r:
                         pa = a[:, :r].detach().requires_grad_(not s.embedding)
                         pd = d[:, :r].detach().requires_grad_(True)
-                        base.append(
-                            [fold(s, w, pa, pd) if folds(s, w, r, run.engine.fold) else (pa, pd)]
-                        )
+                        if folds(s, w, r, run.engine.fold):
+                            with record_function("lowrank.fold"):
+                                base.append([fold(s, w, pa, pd)])
+                        else:
+                            base.append([(pa, pd)])
                         prefix_leaves.append((pa, pd))
                     else:
                         base.append([])
                         prefix_leaves.append(None)
             outs = Outputs(ctx.track)
-            with torch.enable_grad(), run.hooks():
+            with torch.enable_grad(), run.hooks(), record_function("lowrank.recompute"):
                 small_end, new = run.with_graph(env, small, base, range(lo, hi), hi - lo, outs)
                 steps, elements, queries = outs.stacked(run)
             pairs = [(steps, g_steps[:, lo:hi]), (elements, g_elements[:, lo:hi])]
@@ -144,9 +147,10 @@ class CheckpointedLoop(torch.autograd.Function):
                 if pl is not None:
                     wanted += [t for t in pl if t.requires_grad]
             wanted += [t for t in weights + rates if t.requires_grad]
-            grads = torch.autograd.grad(
-                [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True
-            )
+            with record_function("lowrank.backward"):
+                grads = torch.autograd.grad(
+                    [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True
+                )
             it = iter(grads)
             g_small = [next(it) for _ in small]
             for j, (s, pl) in enumerate(zip(run.sites, prefix_leaves)):
