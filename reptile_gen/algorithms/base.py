@@ -175,11 +175,15 @@ class MetaLearner(pl.LightningModule):
         inner_optimizer = options.pop("inner_optimizer", None)
         chunk_size = options.pop("chunk_size", None)
         compile_ = options.pop("compile", False)
+        extra = {}
+        if name == "lowrank" and "fold" in options:
+            extra["fold"] = options.pop("fold")
         if options:
             key = next(iter(options))
             raise ValueError(
                 f"engine.{key}={options[key]!r}: not an engine option; allowed: "
-                "engine.chunk_size, engine.compile (functional), engine.inner_optimizer (higher)"
+                "engine.chunk_size, engine.compile (functional), engine.inner_optimizer "
+                "(higher), engine.fold (lowrank)"
             )
         if compile_ and self.grad_mode == "none":
             raise ValueError(
@@ -196,6 +200,7 @@ class MetaLearner(pl.LightningModule):
             inner_lr_learned=inner_lr_learned,
             inner_lr_schedule=inner_lr_schedule,
             compile=compile_,
+            **extra,
         )
         self.inner_lr = InnerLR(
             [(n, p.shape) for n, p in model.named_parameters()],

@@ -48,7 +48,7 @@ MOVED_KEYS = {
 #: each engine's own options, as its ``conf/engine/<name>.yaml`` holds them
 ENGINE_KEYS = {
     "functional": {"chunk_size": None, "compile": False},
-    "lowrank": {"chunk_size": None},
+    "lowrank": {"chunk_size": None, "fold": "auto"},
     "higher": {"inner_optimizer": {"name": "sgd"}},
 }
 

@@ -134,7 +134,7 @@ def test_old_checkpoint_hparams_rebuild_the_module(tmp_path):
     torch.save({"state_dict": old.state_dict(), "hyper_parameters": dict(OLD_HPARAMS)}, path)
     checkpoint = torch.load(path, weights_only=False)
     hparams = upgrade_config(checkpoint["hyper_parameters"])
-    assert hparams["engine"] == {"name": "lowrank", "chunk_size": 2}
+    assert hparams["engine"] == {"name": "lowrank", "chunk_size": 2, "fold": "auto"}
     assert not {"inner_loop", "vmap_chunk_size", "compile", "inner_optimizer"} & set(hparams)
     module = MAML(make_model(seed=1), CONTINUOUS, **hparams)
     assert isinstance(module.engine, LowRankEngine) and module.engine.chunk_size == 2

@@ -237,7 +237,11 @@ def test_eval_applies_overrides_to_the_saved_config(trained_run, tmp_path):
         tmp_path / "eval",
     )
     eff, *_ = build_eval_config(cfg)
-    assert OmegaConf.to_container(eff.engine) == {"name": "lowrank", "chunk_size": None}
+    assert OmegaConf.to_container(eff.engine) == {
+        "name": "lowrank",
+        "chunk_size": None,
+        "fold": "auto",
+    }
     assert eff.algorithm._target_.endswith("Reptile")  # the run's, not the eval default
     assert list(eff.model.body.hidden_sizes) == [16, 16]
     assert eff.task.num_test_tasks == 6 and eff.algorithm.eval_inner_steps == 3

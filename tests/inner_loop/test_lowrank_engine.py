@@ -286,6 +286,7 @@ def test_per_parameter_rates_are_a_clear_error(make_cfg):
         (["algorithm.checkpoint_segments=0"], "algorithm.checkpoint_segments=0; allowed:"),
         (["algorithm.truncate_steps=-1"], "algorithm.truncate_steps=-1; allowed:"),
         (["engine.chunk_size=0"], "engine.chunk_size=0; allowed: null or"),
+        (["engine.fold=sideways"], "engine.fold='sideways': how the low-rank engine"),
     ],
     ids=lambda v: v[0] if isinstance(v, list) else "",
 )

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import torch
+from torch.profiler import record_function
 
 from reptile_gen.inner_loop.core.recompute import add_grad, leaves, vjp
 from reptile_gen.inner_loop.lowrank.sites import fold, folds
@@ -116,15 +117,17 @@ class CheckpointedLoop(torch.autograd.Function):
                     if r:
                         pa = a[:, :r].detach().requires_grad_(not s.embedding)
                         pd = d[:, :r].detach().requires_grad_(True)
-                        base.append(
-                            [fold(s, w, pa, pd) if folds(s, w, r, run.engine.fold) else (pa, pd)]
-                        )
+                        if folds(s, w, r, run.engine.fold):
+                            with record_function("lowrank.fold"):
+                                base.append([fold(s, w, pa, pd)])
+                        else:
+                            base.append([(pa, pd)])
                         prefix_leaves.append((pa, pd))
                     else:
                         base.append([])
                         prefix_leaves.append(None)
             outs = Outputs(ctx.track)
-            with torch.enable_grad(), run.hooks():
+            with torch.enable_grad(), run.hooks(), record_function("lowrank.recompute"):
                 small_end, new = run.with_graph(env, small, base, range(lo, hi), hi - lo, outs)
                 steps, elements, queries = outs.stacked(run)
             pairs = [(steps, g_steps[:, lo:hi]), (elements, g_elements[:, lo:hi])]
@@ -139,7 +142,8 @@ class CheckpointedLoop(torch.autograd.Function):
                 pairs.append((rows[1], g_d[j][:, r0[j] : r1[j]]))
             prefix = [t for pl in prefix_leaves if pl is not None for t in pl]
             outputs, grad_outputs = zip(*pairs)
-            it = iter(vjp(outputs, grad_outputs, [*small, *prefix, *weights, *rates]))
+            with record_function("lowrank.backward"):
+                it = iter(vjp(outputs, grad_outputs, [*small, *prefix, *weights, *rates]))
             g_small = [next(it) for _ in small]
             for j, pl in enumerate(prefix_leaves):
                 if pl is None:

@@ -150,7 +150,9 @@ class LowRankEngine(InnerLoopEngine):
         _check_constant_rates(inner_lr_learned, inner_lr_schedule)
         _check_learned(inner_lr_learned)
         if fold not in FOLDS:
-            raise ValueError(f"low-rank engine fold={fold!r}; allowed: {', '.join(FOLDS)}")
+            raise ValueError(
+                f"engine.fold={fold!r}: how the low-rank engine reads its history; allowed: {', '.join(FOLDS)}"
+            )
         self.fold = fold
         self.poison_history = poison_history
         self.on_step = on_step

@@ -9,7 +9,8 @@ import torch
 
 from reptile_gen.inner_loop.core import InnerLoopResult, sgd_step
 from reptile_gen.inner_loop.lowrank.checkpoint import CheckpointedLoop, Outputs
-from reptile_gen.inner_loop.lowrank.sites import Site
+from reptile_gen.inner_loop.lowrank.fold import DenseHistory
+from reptile_gen.inner_loop.lowrank.sites import Site, fold, folds
 from reptile_gen.inner_loop.lowrank.state import Env, pad_tasks, update_prefix
 
 __all__ = ["RunLoops"]
@@ -46,6 +47,9 @@ class RunLoops:
         """
         writers = [(a.data, d.data) for a, d in history]
         b = self.num_tasks
+        dense = DenseHistory(
+            self, history, env.weights, self.engine.fold, keep_graph, outs.track_query
+        )
         for i in steps:
             if snapshots is not None and i in snapshots:
                 snapshots[i] = [p.clone() for p in small]
@@ -55,7 +59,8 @@ class RunLoops:
             elements = torch.zeros(0, self.width, dtype=self.dtype, device=self.device)
             if n:
                 x, y, m = (t[:n] for t in self.step_data(step))
-                pieces = [[(a[:n, :r], d[:n, :r])] if r else [] for (a, d), r in zip(history, rows)]
+                dense.before_step(rows, n)
+                pieces = dense.pieces(rows, n)
                 part = [p[:n] for p in small] if n < b else small
                 if self.fast is not None and not keep_graph:
                     g_small, deltas, elements, inputs = self.fast.step(env, part, pieces, x, y, m)
@@ -79,8 +84,7 @@ class RunLoops:
             if outs.track_query:
                 self.idle_tails(history, i + 1, since=i)
                 upto = [r + s.rows for r, s in zip(rows, self.sites)]
-                pieces = [[(a[:, :r], d[:, :r])] for (a, d), r in zip(history, upto)]
-                outs.queries.append(self.query_loss(env, small, pieces))
+                outs.queries.append(self.query_loss(env, small, dense.pieces(upto, b)))
         if tails and steps:
             self.idle_tails(history, steps[-1] + 1)
         return small
@@ -191,8 +195,13 @@ class RunLoops:
                 pieces = base
                 if fo < self.num_steps:
                     block = max(1, math.ceil(math.sqrt(self.num_steps - fo)))
+                    # the first-order rows are constants: read them folded (one GEMM)
+                    folded = [
+                        [fold(s, w, *p[0])] if p and folds(s, w, r, self.engine.fold) else p
+                        for s, w, p, r in zip(self.sites, env.weights, base, rows)
+                    ]
                     small, new = self.with_graph(
-                        env, small, base, range(fo, self.num_steps), block, outs
+                        env, small, folded, range(fo, self.num_steps), block, outs
                     )
                     pieces = [list(p) + ([r] if r is not None else []) for p, r in zip(base, new)]
                 steps_t, elements_t, queries_t = outs.stacked(self)

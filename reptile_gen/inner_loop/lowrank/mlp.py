@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.func import vmap
+from torch.profiler import record_function
 
 from reptile_gen.inner_loop.core import sgd_step
 from reptile_gen.inner_loop.core.layers import Activation, Embeddings, Identity, Linear
@@ -104,6 +105,10 @@ class MLPStepper:
 
     def _correct(self, out, x, pieces, rate, embedding: bool):
         """``out`` minus ``rate`` times the history's correction at inputs ``x``."""
+        with record_function("lowrank.history"):
+            return self._history(out, x, pieces, rate, embedding)
+
+    def _history(self, out, x, pieces, rate, embedding: bool):
         for piece in pieces:
             if len(piece) == 1:  # a folded (dense) delta of the weight
                 dw = piece[0]
@@ -119,8 +124,12 @@ class MLPStepper:
         return out
 
     def _grad_input(self, delta, weight, pieces, rate):
-        """``delta`` (``[n, R, out]``) through the adapted weight's transpose."""
         g = torch.matmul(delta, weight)
+        with record_function("lowrank.history"):
+            return self._grad_history(g, delta, pieces, rate)
+
+    def _grad_history(self, g, delta, pieces, rate):
+        """``g`` plus ``delta`` (``[n, R, out]``) through the history's transpose."""
         for piece in pieces:
             if len(piece) == 1:
                 c = torch.bmm(delta, piece[0])
@@ -135,11 +144,20 @@ class MLPStepper:
         with ``keep_graph=False`` (everything detached)."""
         if self.run.engine.on_step is not None:
             self.run.engine.on_step("fast", x.shape[0])
-        run, n, rows = self.run, x.shape[0], self.rows
-        weights, rates = env.weights, env.site_rates
+        run, n = self.run, x.shape[0]
         inputs: list = [None] * len(run.sites)
         deltas: list = [None] * len(run.sites)
-        # ---- encoder
+        with record_function("lowrank.forward"):
+            h, acts = self._forward(env, small, pieces, x, n, inputs)
+        with record_function("lowrank.probe_grads"):
+            g, weighted = self._loss_grad(h, y, m, n)
+        with record_function("lowrank.step_backward"):
+            g_small = self._backward(env, small, pieces, g, acts, inputs, deltas)
+        return g_small, deltas, weighted.detach(), inputs
+
+    def _forward(self, env, small, pieces, x, n, inputs):
+        """The encoder and the layers: the logits and every layer's input."""
+        run, rows, weights, rates = self.run, self.rows, env.weights, env.site_rates
         if self.tables:
             idx = x
             if idx.dim() == 1 or idx.shape[-1] != len(self.tables):
@@ -169,7 +187,12 @@ class MLPStepper:
                 h = z.tanh_()
             else:
                 h = z
-        # ---- loss and its gradient at the logits (per task, as the general step)
+        return h, acts
+
+    def _loss_grad(self, h, y, m, n):
+        """The element losses (masked) and the loss gradient at the logits, per task
+        under ``vmap`` as in the general step."""
+        run = self.run
         out_shape = run.sites[self.layers[-1].site].probe_shape
         logits = h.reshape(n, *out_shape)
         with torch.enable_grad():
@@ -181,8 +204,11 @@ class MLPStepper:
             weighted = elements * mask
             losses = weighted.sum(dims) / count if dims else weighted / count
             (g,) = torch.autograd.grad(losses.sum(), logits)
-        g = g.reshape(n, rows, -1)
-        # ---- backward
+        return g.reshape(n, self.rows, -1), weighted
+
+    def _backward(self, env, small, pieces, g, acts, inputs, deltas):
+        """The output gradients of every layer (``deltas``) and the small parameters'."""
+        run, weights, rates = self.run, env.weights, env.site_rates
         g_small: list = [None] * len(run.small_names)
         for li in range(len(self.layers) - 1, -1, -1):
             layer = self.layers[li]
@@ -204,4 +230,4 @@ class MLPStepper:
             width = g.shape[-1] // len(self.tables)
             for k, j in enumerate(self.tables):
                 deltas[j] = g[..., k * width : (k + 1) * width]
-        return g_small, deltas, weighted.detach(), inputs
+        return g_small

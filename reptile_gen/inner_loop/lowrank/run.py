@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 import torch
 from torch.func import functional_call, vmap
+from torch.profiler import record_function
 
 from reptile_gen.inner_loop.core import (
     first_order_before,
@@ -229,16 +230,18 @@ class Run(RunLoops):
 
         flat_pieces = [t for site_pieces in pieces for pair in site_pieces for t in pair]
         with torch.enable_grad():
-            losses, elements, *inputs = vmap(one_task, randomness="different")(
-                *small, *flat_pieces, *probes, x, y, m
-            )
-            grads = torch.autograd.grad(
-                losses.sum(),
-                [*probes, *small],
-                create_graph=differentiable,
-                retain_graph=keep_graph,
-                allow_unused=True,
-            )
+            with record_function("lowrank.forward"):
+                losses, elements, *inputs = vmap(one_task, randomness="different")(
+                    *small, *flat_pieces, *probes, x, y, m
+                )
+            with record_function("lowrank.probe_grads"):
+                grads = torch.autograd.grad(
+                    losses.sum(),
+                    [*probes, *small],
+                    create_graph=differentiable,
+                    retain_graph=keep_graph,
+                    allow_unused=True,
+                )
         n = len(probes)
         deltas = [
             (torch.zeros_like(p) if g is None else g).reshape(b, s.rows, s.out_width)

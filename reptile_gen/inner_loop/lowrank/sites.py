@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from reptile_gen.inner_loop.core import sgd_step
 
@@ -88,6 +89,17 @@ class Tape:
         if self.discover:
             self.shapes[i] = (tuple(x.shape), tuple(out.shape))
             return None
+        with record_function("lowrank.history"):
+            out = self._correct(i, site, x, out)
+        if self.probes is not None:
+            out = out + self.probes[i]
+            self.inputs[i] = (
+                x.reshape(site.rows) if site.embedding else x.reshape(site.rows, site.in_width)
+            )
+        return out
+
+    def _correct(self, i: int, site: Site, x: torch.Tensor, out: torch.Tensor):
+        """``out`` minus the rate times the history's correction at inputs ``x``."""
         correction = None
         for piece in self.pieces[i]:
             if len(piece) == 1:  # a folded (dense) delta of the weight, (dW,)
@@ -103,11 +115,6 @@ class Tape:
             correction = c if correction is None else correction + c
         if correction is not None:
             out = sgd_step(out, correction, self.rates[i])
-        if self.probes is not None:
-            out = out + self.probes[i]
-            self.inputs[i] = (
-                x.reshape(site.rows) if site.embedding else x.reshape(site.rows, site.in_width)
-            )
         return out
 
 
