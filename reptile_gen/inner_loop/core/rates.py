@@ -333,12 +333,15 @@ class RateSlots:
         self.fixed = {k: r for k, r in rates.items() if not torch.is_tensor(r)}
         self.steps = None if steps is None or steps.constant else steps
 
+    def rate(self, name: str, tensors):
+        """The base rate of ``name``, a learned one taken from ``tensors``."""
+        slot = self.slots[name]
+        return self.fixed[name] if slot is None else tensors[slot]
+
     def rates(self, tensors, step: int | None = None) -> dict:
         """``{name: rate}`` with the learned rates taken from ``tensors``: the base rates,
         or with ``step`` the rates of that step."""
-        base = {
-            k: (self.fixed[k] if slot is None else tensors[slot]) for k, slot in self.slots.items()
-        }
+        base = {k: self.rate(k, tensors) for k in self.slots}
         if step is None or self.steps is None:
             return base
         return self.steps.at(base, step)

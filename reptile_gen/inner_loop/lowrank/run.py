@@ -11,12 +11,12 @@ from torch.func import functional_call, vmap
 from torch.profiler import record_function
 
 from reptile_gen.inner_loop.core import (
+    RateSlots,
     first_order_before,
     first_visit,
     last_active_step,
     masked_mean,
     num_segments,
-    split_rates,
 )
 from reptile_gen.inner_loop.lowrank.loops import RunLoops
 from reptile_gen.inner_loop.lowrank.mlp import mlp_stepper
@@ -126,8 +126,8 @@ class Run(RunLoops):
         rates = lr.rates_by_name()
         if not self.graph:
             rates = {k: (r.detach() if torch.is_tensor(r) else r) for k, r in rates.items()}
-        self.rate_tensors, slots = split_rates(rates)
-        self.rate_slots = {k: float(rates[k]) if i is None else i for k, i in slots.items()}
+        self.rate_slots = RateSlots(rates)
+        self.rate_tensors = self.rate_slots.tensors
         weights = [params[n] for n in self.site_names]
         small = [params[n] for n in self.small_names]
         if not self.graph:
@@ -138,8 +138,7 @@ class Run(RunLoops):
 
     # ------------------------------------------------------------------ helpers
     def rate(self, name: str, rate_tensors):
-        slot = self.rate_slots[name]
-        return slot if isinstance(slot, float) else rate_tensors[slot]
+        return self.rate_slots.rate(name, rate_tensors)
 
     @contextmanager
     def hooks(self) -> Iterator[None]:
