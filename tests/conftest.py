@@ -55,6 +55,16 @@ def compose_config(overrides: list[str], output_dir: Path | str, tiny: bool = Tr
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, restored after it: tiny vmapped ops only pay
+    for a second thread's synchronisation, and in-process runs may change the count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def make_cfg(tmp_path):
     """``make_cfg(overrides, tiny=True)`` -> a composed config whose run dir is in tmp."""
 

@@ -17,6 +17,8 @@ from reptile_gen.train import train
 from reptile_gen.utils.instantiate import build_run
 from reptile_gen.utils.runtime import ConfigError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 #: a small LSTM, so every run here takes seconds
 SMALL = ["algorithm.hidden_size=16", "algorithm.num_layers=2", "algorithm.embedding_dim=8"]
 
@@ -24,16 +26,6 @@ TEXT_SPEC = TaskSpec(
     "discrete", "classes", input_sizes=(12,), output_dim=7, name="text", sequential=True
 )
 IMAGE_SPEC = TaskSpec("discrete", "bits", input_sizes=(3, 3), name="digits", sequential=True)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: a second intra-op thread only adds synchronisation, which
-    on shared, busy cores slows an LSTM step down by an order of magnitude."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _module(spec: TaskSpec) -> LSTMBaseline:

@@ -19,16 +19,10 @@ from reptile_gen.sampling import (
 )
 from reptile_gen.utils.instantiate import build_run
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TEXT = ["task=text", "task.max_len=24", "task.prev_input=true"]
 DIGITS = ["task=digits", "model.body.hidden_sizes=[16,16]", "task.prev_input=true"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def module_of(tmp_path, overrides, double=False):

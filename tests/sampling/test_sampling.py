@@ -33,17 +33,10 @@ from reptile_gen.sampling import (
 from reptile_gen.train import train
 from reptile_gen.utils.instantiate import build_run
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TEXT = ["task=text", "task.max_len=24"]
 DIGITS = ["task=digits", "model.body.hidden_sizes=[16,16]"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Thousands of tiny vmapped ops: one thread is much faster on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def trained(tmp_path_factory, name: str, overrides: list[str]):
