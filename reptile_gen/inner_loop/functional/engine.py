@@ -53,7 +53,7 @@ from reptile_gen.inner_loop.core import (
 )
 from reptile_gen.inner_loop.core.model_plan import compile_model
 from reptile_gen.inner_loop.core.recompute import RecomputedSegment
-from reptile_gen.inner_loop.functional import compiled
+from reptile_gen.inner_loop.functional import compiled, compiled_plan
 from reptile_gen.inner_loop.functional.runner import BatchedRunner
 from reptile_gen.inner_loop.functional.segments import SegmentRunner
 
@@ -268,8 +268,8 @@ class FunctionalEngine(InnerLoopEngine):
     def _run_compiled(self, model, batch, loss_fn, lr, schedule, grad_mode, eager_only):
         """A few-shot meta-training step through the compiled programs (None: this call
         is not one, e.g. evaluation; the eager path runs it)."""
-        plan_ = compiled.plan(model)  # a model it does not cover is an error on any call
-        loss = compiled.check_call(loss_fn, self.checkpoint_segments)
+        plan_ = compiled_plan.plan(model)  # a model it does not cover is an error on any call
+        loss = compiled_plan.check_call(loss_fn, self.checkpoint_segments)
         if lr.per_step:
             raise ValueError(_COMPILE_PER_STEP.format(compile=self.compile))
         if (
