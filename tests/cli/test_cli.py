@@ -201,7 +201,8 @@ def test_train_with_a_compiled_meta_step(project, tmp_path):
     assert "engine.compile=True with Reptile" in proc.stderr
 
 
-def test_train_with_per_step_inner_rates(project, tmp_path):
+@pytest.mark.parametrize("engine", ["functional", "lowrank"])
+def test_train_with_per_step_inner_rates(project, tmp_path, engine):
     """``task=digits`` MAML with learned per-layer per-step rates (4 buckets of the 64
     steps) on a cosine schedule: the run trains and scores, its checkpoint holds one
     rate per tensor per bucket, moved by the meta-gradient."""
@@ -215,6 +216,7 @@ def test_train_with_per_step_inner_rates(project, tmp_path):
                 "reptile_gen.train",
                 "task=digits",
                 "algorithm=maml",
+                f"engine={engine}",
                 "model.body.hidden_sizes=[16,16]",
                 "algorithm.inner_lr_learned=per_layer_per_step",
                 "algorithm.inner_lr_buckets=4",

@@ -257,7 +257,9 @@ def test_all_padding_task_is_a_no_op():
 
 
 # ------------------------------------------------------------------------- errors
-ALLOWED_RATES = "allowed: none, scalar, per_tensor (or engine=functional)"
+ALLOWED_RATES = (
+    "allowed: none, scalar, per_tensor, per_step, per_layer_per_step (or engine=functional)"
+)
 
 
 def test_per_parameter_rates_are_a_clear_error(make_cfg):

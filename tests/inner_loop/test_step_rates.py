@@ -1,12 +1,13 @@
 """Inner rates that change along the inner loop, in float64: fixed schedules equal a
 hand-computed rate sequence on every engine that runs them; per-step learned rates
 (``per_step``, ``per_layer_per_step``) get the generic path's meta-gradients on every
-engine and mode, and the exact ones match finite differences; the low-rank engine and the
-compiled program refuse them clearly."""
+engine and mode (the low-rank engine with its history read as rows and folded), and the
+exact ones match finite differences; the compiled program refuses them clearly."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import pytest
@@ -27,6 +28,7 @@ from helpers import (
 from reptile_gen.inner_loop import FunctionalEngine, InnerLR, make_engine
 from reptile_gen.inner_loop.core import InnerSchedule
 from reptile_gen.inner_loop.core.rates import schedule_factors
+from reptile_gen.models import GatedMLP, LSTMBlockStack
 
 LENGTHS = [6, 3, 5]
 
@@ -46,6 +48,9 @@ ENGINES = {
     "functional_autograd_graph": lambda **o: FunctionalEngine(hand_backward=False, **o),
     "functional_vmap": lambda **o: FunctionalEngine(path="vmap", **o),
     "higher": lambda **o: make_engine("higher", **o),
+    "lowrank": lambda **o: make_engine("lowrank", **o),
+    "lowrank_fold_always": lambda **o: make_engine("lowrank", fold="always", **o),
+    "lowrank_fold_never": lambda **o: make_engine("lowrank", fold="never", **o),
 }
 
 
@@ -183,6 +188,88 @@ def test_per_step_rates_get_the_generic_paths_meta_gradient(engine, mode, rates,
             assert abs(exact - fd) <= 1e-6 * max(1.0, abs(fd)), (only_rates, exact, fd)
 
 
+LOWRANK_FOLDS = ["auto", "always", "never"]
+
+
+@pytest.mark.parametrize("fold", LOWRANK_FOLDS)
+@pytest.mark.parametrize("spec", [CONTINUOUS, CLASSES], ids=["continuous", "classes"])
+@pytest.mark.parametrize(
+    "rates",
+    [("none", "exp", None), ("per_tensor", (1.0, 0.25, 2.0), None), ("per_step", "cosine", 2)],
+)
+def test_lowrank_runs_changing_rates_without_a_graph_as_the_functional_engine(rates, spec, fold):
+    """Reptile's and evaluation's runs (no graph) on padded tasks: every loss (the query
+    loss tracked after each step), the adapted weights and their task-mean (Reptile's
+    target) are the functional engine's; the embedding encoder keeps an index history."""
+    learned, schedule_name, buckets = rates
+    model = make_model(spec)
+    batch = make_batch(spec, num_tasks=3, support=6, query=4, lengths=LENGTHS)
+    lr = make_rates(model, learned, schedule_name, buckets)
+    lowrank = make_engine("lowrank", fold=fold)
+    tol = {"rtol": 1e-10, "atol": 1e-12}
+    for schedule in (ONLINE_2, QUERY_SCHEDULE):
+        kw = {"track_query": True, "return_adapted": True}
+        with torch.enable_grad():
+            ref = make_engine("functional").run(
+                model, batch, spec.elementwise_loss, lr, schedule, "none", **kw
+            )
+            ours = lowrank.run(model, batch, spec.elementwise_loss, lr, schedule, "none", **kw)
+            mean = lowrank.run(
+                model, batch, spec.elementwise_loss, lr, schedule, "none", return_adapted="mean"
+            )
+        for field in ("step_losses", "element_losses", "query_losses"):
+            torch.testing.assert_close(getattr(ours, field), getattr(ref, field), **tol)
+        torch.testing.assert_close(mean.query_losses[:, 0], ref.query_losses[:, -1], **tol)
+        for name, phi in ref.adapted.items():
+            torch.testing.assert_close(ours.adapted[name], phi, **tol, msg=name)
+            torch.testing.assert_close(mean.adapted_mean[name], phi.mean(0), **tol, msg=name)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_lowrank_per_step_rates_on_embeddings_get_the_functional_meta_gradient(mode):
+    """Embedding tables (index history) with learned per-layer per-step rates on a
+    cosine schedule, padded tasks, the online objective: the functional engine's
+    meta-gradients, with the history read as rows and folded."""
+    grad_mode, options = MODES[mode]
+    spec = CLASSES
+    model = make_model(spec)
+    batch = make_batch(spec, num_tasks=3, support=6, query=None, lengths=LENGTHS)
+    lr = make_rates(model, "per_layer_per_step", "cosine", 2)
+    reference = FunctionalEngine(path="vmap_grad", truncate_steps=options.get("truncate_steps"))
+    vb, gb = meta_grads(reference, model, batch, lr, ONLINE_2, "online", grad_mode, spec)
+    for fold in LOWRANK_FOLDS:
+        ours = make_engine("lowrank", fold=fold, **options)
+        va, ga = meta_grads(ours, model, batch, lr, ONLINE_2, "online", grad_mode, spec)
+        torch.testing.assert_close(va, vb, rtol=1e-10, atol=1e-12)
+        assert_all_close(ga, gb, what=f"{mode} fold={fold}")
+
+
+BODIES = {
+    "gated_mlp": functools.partial(GatedMLP, hidden_sizes=[6, 6]),
+    "lstm_block_input_ln": functools.partial(
+        LSTMBlockStack, hidden_sizes=[5], input_layer=4, layer_norm=True
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", ["first_order", "checkpointed", "truncated"])
+@pytest.mark.parametrize("body", list(BODIES))
+def test_lowrank_per_step_rates_on_other_bodies(body, mode):
+    """Bodies whose other parameters (gates' biases, LayerNorm gains, the LSTM block's
+    initial state) stay per-task tensors: they take their step's rate too."""
+    grad_mode, options = MODES[mode]
+    spec = CONTINUOUS
+    model = make_model(spec, BODIES[body])
+    batch = make_batch(spec, num_tasks=3, support=6, query=4, lengths=LENGTHS)
+    lr = make_rates(model, "per_layer_per_step", "linear", None)
+    reference = FunctionalEngine(path="vmap_grad", truncate_steps=options.get("truncate_steps"))
+    ours = make_engine("lowrank", **options)
+    va, ga = meta_grads(ours, model, batch, lr, QUERY_SCHEDULE, "query", grad_mode, spec)
+    vb, gb = meta_grads(reference, model, batch, lr, QUERY_SCHEDULE, "query", grad_mode, spec)
+    torch.testing.assert_close(va, vb, rtol=1e-10, atol=1e-12)
+    assert_all_close(ga, gb, what=f"{body} {mode}")
+
+
 def test_evaluation_past_the_horizon_keeps_the_last_rate():
     """Few-shot: 3 training steps; a 5-step evaluation takes the trained rates for its
     first 3 steps and the last one after (the same as a 3-bucket rate list run by hand)."""
@@ -226,17 +313,7 @@ def test_config_errors_name_the_key():
         {"inner_lr_schedule": "cosine"},
     ],
 )
-def test_lowrank_and_compiled_refuse_rates_that_change_along_the_loop(options):
-    with pytest.raises(ValueError, match=r"with engine=lowrank: the low-rank engine applies"):
-        make_engine("lowrank", **options)
+def test_the_compiled_program_refuses_rates_that_change_along_the_loop(options):
     with pytest.raises(ValueError, match=r"engine.compile=True with inner rates that change"):
         make_engine("functional", compile=True, **options)
-    # at run time too (an engine built without knowing the rates)
-    spec = CONTINUOUS
-    model = make_model(spec)
-    batch = make_batch(spec, num_tasks=2, support=5, query=4)
-    lr = make_rates(
-        model, options.get("inner_lr_learned", "none"), options.get("inner_lr_schedule", "constant")
-    )
-    with pytest.raises(ValueError, match="with engine=lowrank"):
-        make_engine("lowrank").run(model, batch, spec.elementwise_loss, lr, QUERY_SCHEDULE, "none")
+    make_engine("lowrank", **options)  # the low-rank engine runs them (tests above)

@@ -44,10 +44,18 @@ loss, zero gradient). The engine sorts the tasks by their last step with a real 
 prefix of the batch, and every step (with or without a graph) runs on that prefix only;
 the idle tasks get zero history rows (written only where a reader needs them).
 
-Limits (clear errors): plain SGD only; learned inner rates ``scalar`` or ``per_tensor``
-(a ``per_parameter`` rate matrix does not factor out of the sum), the same at every step
-(no ``inner_lr_schedule``, no per-step rates: one rate per history); each low-rank layer
-must run once per forward pass.
+Rates that change along the loop (``inner_lr_schedule``, ``inner_lr_learned=per_step|
+per_layer_per_step``): the rate of step ``s`` multiplies that step's rows ``delta_s`` when
+they are written, so ``W_t x = W_0 x - sum_{s < t} (r_s delta_s) (a_s . x)`` and every
+reader of the history sums rows that carry their rate. A schedule's factor is a constant
+(the base rate, fixed or learned, still multiplies the correction); a learned per-step
+rate is in the rows with its graph, so a first-order run keeps those rows (constants
+times a rate) with a graph rather than in the buffers, and the checkpointed backward gets
+the rates' gradients from the recomputed rows like the weights' (see ``state.Env``).
+
+Limits (clear errors): plain SGD only; learned inner rates ``scalar``, ``per_tensor``,
+``per_step`` or ``per_layer_per_step`` (a ``per_parameter`` rate matrix does not factor
+out of the sum); each low-rank layer must run once per forward pass.
 """
 
 from __future__ import annotations
@@ -65,7 +73,6 @@ from reptile_gen.inner_loop.core import (
     check_truncate_steps,
     last_active_step,
     num_segments,
-    per_step_rates,
 )
 from reptile_gen.inner_loop.lowrank.run import Run
 from reptile_gen.inner_loop.lowrank.sites import FOLDS
@@ -76,8 +83,9 @@ if TYPE_CHECKING:
 
 __all__ = ["LowRankEngine", "LOWRANK_LR_MODES"]
 
-#: learned inner learning rates the low-rank form can carry (one rate per weight tensor)
-LOWRANK_LR_MODES = ("none", "scalar", "per_tensor")
+#: learned inner learning rates the low-rank form can carry (one rate per weight tensor,
+#: or per weight tensor and step)
+LOWRANK_LR_MODES = ("none", "scalar", "per_tensor", "per_step", "per_layer_per_step")
 
 
 def _check_learned(value: str) -> None:
@@ -86,22 +94,6 @@ def _check_learned(value: str) -> None:
             f"algorithm.inner_lr_learned={value!r} with engine=lowrank: a "
             "per-parameter rate matrix does not factor out of the low-rank update; allowed: "
             f"{', '.join(LOWRANK_LR_MODES)} (or engine=functional)"
-        )
-
-
-def _check_constant_rates(learned: str, schedule) -> None:
-    """One rate per layer for the whole loop: the history's rows share it."""
-    if per_step_rates(learned, schedule):
-        key = (
-            f"inner_lr_learned={learned}"
-            if per_step_rates(learned, "constant")
-            else f"inner_lr_schedule={schedule}"
-        )
-        raise ValueError(
-            f"algorithm.{key} with engine=lowrank: the low-rank engine applies one rate per "
-            "layer to its whole update history, not a rate per inner step; allowed: "
-            "inner_lr_schedule=constant and inner_lr_learned=none|scalar|per_tensor, or "
-            "engine=functional|higher"
         )
 
 
@@ -116,9 +108,9 @@ class LowRankEngine(InnerLoopEngine):
         truncate_steps: second-order only: differentiate through the last ``k`` inner
             updates (None: all).
         inner_lr_learned: the learned-rate mode the engine will be run with, checked when
-            the engine is built (``none``, ``scalar`` or ``per_tensor``).
-        inner_lr_schedule: the fixed rate schedule it will be run with (``constant``
-            only: one rate per layer for the whole history).
+            the engine is built (any but ``per_parameter``).
+        inner_lr_schedule: the fixed rate schedule it will be run with (any: a step's
+            factor multiplies its history rows).
         fold: how a recomputed checkpoint segment reads the history before it: ``auto``
             (as rows or folded into a dense per-task weight delta, whichever reads less),
             ``always`` (folded) or ``never`` (rows); the same numbers.
@@ -147,7 +139,6 @@ class LowRankEngine(InnerLoopEngine):
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         ):
             raise ValueError(f"engine.chunk_size={chunk_size!r}; allowed: null or an integer >= 1")
-        _check_constant_rates(inner_lr_learned, inner_lr_schedule)
         _check_learned(inner_lr_learned)
         if fold not in FOLDS:
             raise ValueError(
@@ -185,7 +176,6 @@ class LowRankEngine(InnerLoopEngine):
         track_query: bool = False,
         return_adapted: bool | str = False,
     ) -> InnerLoopResult:
-        _check_constant_rates(lr.learned, lr.schedule if lr.per_step else "constant")
         _check_learned(lr.learned)
         if return_adapted not in (False, True, "mean"):
             raise ValueError(f"return_adapted={return_adapted!r}; allowed: False, True, 'mean'")

@@ -11,7 +11,7 @@ from reptile_gen.inner_loop.core import InnerLoopResult, sgd_step
 from reptile_gen.inner_loop.lowrank.checkpoint import CheckpointedLoop, Outputs
 from reptile_gen.inner_loop.lowrank.fold import DenseHistory
 from reptile_gen.inner_loop.lowrank.sites import Site, fold, folds
-from reptile_gen.inner_loop.lowrank.state import Env, pad_tasks, update_prefix
+from reptile_gen.inner_loop.lowrank.state import Env, pad_tasks, scale_rows, update_prefix
 
 __all__ = ["RunLoops"]
 
@@ -55,6 +55,7 @@ class RunLoops:
                 snapshots[i] = [p.clone() for p in small]
             step = self.steps[i]
             rows = self._rows(i)
+            scales, small_rates = env.at(i)
             n = self.active[i]  # the tasks [n:] have only padding left: no-op steps
             elements = torch.zeros(0, self.width, dtype=self.dtype, device=self.device)
             if n:
@@ -68,16 +69,17 @@ class RunLoops:
                     g_small, deltas, elements, inputs = self.step(
                         env, part, pieces, x, y, m, keep_graph, False
                     )
-                for (wa, wd), r, s, a, d in zip(writers, rows, self.sites, inputs, deltas):
+                written = zip(writers, rows, self.sites, inputs, deltas, scales)
+                for (wa, wd), r, s, a, d, c in written:
                     wa[:n, r : r + s.rows] = a.detach()
-                    wd[:n, r : r + s.rows] = d.detach()
+                    wd[:n, r : r + s.rows] = scale_rows(d, c).detach()
                 if in_place:
-                    for p, g, rate in zip(small, g_small, env.small_rates):
+                    for p, g, rate in zip(small, g_small, small_rates):
                         sgd_step(p[:n], g, rate, "inplace")
                 else:
                     small = [
                         update_prefix(p, g.detach(), rate, n)
-                        for p, g, rate in zip(small, g_small, env.small_rates)
+                        for p, g, rate in zip(small, g_small, small_rates)
                     ]
             elements = pad_tasks(elements, b)
             outs.add(self, step, elements)
@@ -124,6 +126,7 @@ class RunLoops:
         b = self.num_tasks
         for i in steps:
             step = self.steps[i]
+            scales, small_rates = env.at(i)
             k = self.active[i]  # the tasks [k:] have only padding left: constant zero rows
             if k:
                 pieces = pieces_now()
@@ -139,8 +142,7 @@ class RunLoops:
                     deltas = [d.detach() for d in deltas]
                     inputs = [a.detach() for a in inputs]
                 small = [
-                    update_prefix(p, g, rate, k)
-                    for p, g, rate in zip(small, g_small, env.small_rates)
+                    update_prefix(p, g, rate, k) for p, g, rate in zip(small, g_small, small_rates)
                 ]
             else:
                 elements = torch.zeros(0, self.width, dtype=self.dtype, device=self.device)
@@ -158,7 +160,7 @@ class RunLoops:
                 elements, *deltas = (pad_tasks(t, b) for t in (elements, *deltas))
                 inputs = [pad_tasks(t, b) for t in inputs]
             for j in range(n):
-                local[j].append((inputs[j], deltas[j]))
+                local[j].append((inputs[j], scale_rows(deltas[j], scales[j])))
             outs.add(self, step, elements)
             if outs.track_query:
                 outs.queries.append(self.query_loss(env, small, pieces_now()))
@@ -189,6 +191,8 @@ class RunLoops:
             elif self.grad_mode == "first_order" or self.segments == 1:
                 history = self.new_history()
                 fo = sum(s.first_order for s in self.steps)
+                if env.rows_hold_rates:
+                    fo = 0  # rows with a graph to their learned rates: not in the buffers
                 small = self.buffered(env, self.small0, range(fo), history, outs, True)
                 rows = self._rows(fo)
                 base = [[(a[:, :r], d[:, :r])] if r else [] for (a, d), r in zip(history, rows)]

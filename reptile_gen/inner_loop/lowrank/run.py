@@ -126,7 +126,8 @@ class Run(RunLoops):
         rates = lr.rates_by_name()
         if not self.graph:
             rates = {k: (r.detach() if torch.is_tensor(r) else r) for k, r in rates.items()}
-        self.rate_slots = RateSlots(rates)
+        # rates that change along the loop go into the history rows (see Env)
+        self.rate_slots = RateSlots(rates, lr.step_rates(self.num_steps))
         self.rate_tensors = self.rate_slots.tensors
         weights = [params[n] for n in self.site_names]
         small = [params[n] for n in self.small_names]
@@ -137,9 +138,6 @@ class Run(RunLoops):
         self.small0 = [p.expand(self.num_tasks, *p.shape) for p in small]
 
     # ------------------------------------------------------------------ helpers
-    def rate(self, name: str, rate_tensors):
-        return self.rate_slots.rate(name, rate_tensors)
-
     @contextmanager
     def hooks(self) -> Iterator[None]:
         """The low-rank layers' forward hooks, installed for the duration (also around a

@@ -8,7 +8,7 @@ import torch
 
 from reptile_gen.inner_loop.core import sgd_step
 
-__all__ = ["Env", "Step", "pad_tasks", "pad_to", "update_prefix"]
+__all__ = ["Env", "Step", "pad_tasks", "pad_to", "scale_rows", "update_prefix"]
 
 
 @dataclass(frozen=True)
@@ -21,13 +21,47 @@ class Step:
 
 class Env:
     """The tensors a run differentiates with respect to: the shared initial weights of
-    the low-rank layers, and the learned inner rates (floats when fixed)."""
+    the low-rank layers, and the learned inner rates (floats when fixed).
+
+    Rates that change along the loop (``RateSlots.steps``): the rate of step ``i``
+    multiplies that step's history rows ``D`` when they are written (:meth:`at`), so
+    every reader of the history (the hooks' correction, the dense fold, the adapted
+    weights) sums rows that already carry their step's rate. A fixed schedule puts its
+    factor ``f_i`` in the rows and keeps the base rate (fixed or learned ``scalar`` /
+    ``per_tensor``) as the site's rate (:attr:`site_rates`); a learned per-step rate
+    puts the whole rate ``r_i`` in the rows, with the graph to ``r_i`` that a row carries,
+    and the site's rate is 1.
+    """
 
     def __init__(self, weights: list[torch.Tensor], rate_tensors: list[torch.Tensor], run):
         self.weights = weights
         self.rate_tensors = rate_tensors
-        self.site_rates = [run.rate(n, rate_tensors) for n in run.site_names]
-        self.small_rates = [run.rate(n, rate_tensors) for n in run.small_names]
+        self.slots = slots = run.rate_slots
+        self.site_names, self.small_names = run.site_names, run.small_names
+        self.rows_hold_rates = slots.steps is not None and slots.steps.buckets is not None
+        if self.rows_hold_rates:
+            self.site_rates = [1.0] * len(run.site_names)
+        else:
+            self.site_rates = [slots.rate(n, rate_tensors) for n in run.site_names]
+        self.small_rates = [slots.rate(n, rate_tensors) for n in run.small_names]
+
+    def at(self, step: int) -> tuple[list, list]:
+        """``(row scales, small rates)`` of step ``step``: per site, what multiplies the
+        step's history rows ``D`` (None: nothing), and per small parameter its rate."""
+        steps = self.slots.steps
+        if steps is None:
+            return [None] * len(self.site_names), self.small_rates
+        rates = self.slots.rates(self.rate_tensors, step)
+        small = [rates[n] for n in self.small_names]
+        if self.rows_hold_rates:
+            return [rates[n] for n in self.site_names], small
+        f = steps.factors[step]
+        return [None if f == 1.0 else f] * len(self.site_names), small
+
+
+def scale_rows(d: torch.Tensor, scale) -> torch.Tensor:
+    """History rows ``d`` times their step's ``scale`` (None: unchanged)."""
+    return d if scale is None else d * scale
 
 
 def pad_tasks(t: torch.Tensor, num_tasks: int) -> torch.Tensor:
