@@ -114,16 +114,10 @@ CASES = [
         "algorithm.inner_lr_buckets=4",
     ),
     (
-        "lowrank_per_step",
+        "lowrank_per_parameter",
         "train",
-        ["engine=lowrank", "algorithm.inner_lr_learned=per_layer_per_step"],
-        "algorithm.inner_lr_learned=per_layer_per_step with engine=lowrank",
-    ),
-    (
-        "lowrank_schedule",
-        "train",
-        ["engine=lowrank", "algorithm.inner_lr_schedule=cosine"],
-        "algorithm.inner_lr_schedule=cosine with engine=lowrank",
+        ["engine=lowrank", "algorithm.inner_lr_learned=per_parameter"],
+        "algorithm.inner_lr_learned='per_parameter' with engine=lowrank",
     ),
     (
         "compile_per_step",
