@@ -128,6 +128,19 @@ def test_experiment_runs_with_a_tiny_budget(make_cfg, tmp_path, experiment):
     assert (tmp_path / "run" / "metrics.json").is_file()
 
 
+VARIANTS = sorted(p.stem for p in (Path(CONF_DIR) / "variant").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_gap_variant_runs_on_digits(make_cfg, tmp_path, variant):
+    """The gap study's one-change variants (conf/variant/) on top of its experiment."""
+    shrink = SHRINK_TASK["digits"] + SHRINK_MODEL["digits"]
+    cfg = make_cfg(["experiment=digits_gap", f"variant={variant}", *shrink])
+    assert cfg.trainer.max_steps == 3
+    train(cfg)
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+
 def test_the_sine_experiments_exist():
     if not EXPERIMENTS:
         pytest.skip("conf/experiment/ is empty")
