@@ -125,12 +125,16 @@ def test_teacher_forcing_reproduces_the_engine_online_losses(tmp_path, overrides
     datamodule.setup("test")
     batch = next(iter(datamodule.test_dataloader()))
     with torch.enable_grad():
-        expected = module.adapt(batch, "none", module.eval_schedule).element_losses
+        run = module.adapt(batch, "none", module.eval_schedule, return_adapted=True)
+    expected = run.element_losses
     result = OnlineSampler(module).feed(batch.support_x, batch.support_y, batch.support_mask)
     losses = result.element_losses(module.task_spec)
     assert losses.dtype == torch.float64
     torch.testing.assert_close(losses, expected, rtol=1e-10, atol=1e-12)
     assert expected.sum() > 0
+    # and the weights at the end (past a padded line's end too)
+    for name, phi in run.adapted.items():
+        torch.testing.assert_close(result.params[name], phi, rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_first_element_is_drawn_from_the_model_at_theta0(tmp_path):
