@@ -96,6 +96,7 @@ def momentum_step(
     rate: torch.Tensor | float,
     momentum: float,
     active: torch.Tensor | None = None,
+    form: str = "plain",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One heavy-ball step (Polyak 1964; ``torch.optim.SGD`` with ``momentum``, no
     dampening, no Nesterov): ``v' = momentum * v + g``, ``p' = p - rate * v'``; returns
@@ -105,9 +106,10 @@ def momentum_step(
     ``active``: per task (a leading axis of ``p``, or a scalar inside ``vmap``), whether
     the step has a real element. A step that is all padding for a task is a no-op for it,
     its velocity included (with plain SGD its zero gradient makes it one by itself), as an
-    optimizer that is not stepped (the ``higher`` engine skips such steps)."""
+    optimizer that is not stepped (the ``higher`` engine skips such steps); None: every
+    task's step is real. ``form``: how ``p - rate * v'`` is written (:func:`sgd_step`)."""
     v_new = torch.add(g, v, alpha=momentum)
-    p_new = sgd_step(p, v_new, rate)
+    p_new = sgd_step(p, v_new, rate, form)
     if active is not None:
         keep = active.reshape(*active.shape, *([1] * (p.dim() - active.dim())))
         p_new = torch.where(keep, p_new, p)

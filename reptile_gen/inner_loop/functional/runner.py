@@ -233,8 +233,9 @@ class BatchedRunner:
                 grads = [g.detach() for g in grads]
             if self.momentum:
                 active = mask.sum(1) > 0
+                active = None if bool(active.all()) else active  # no padding-only task
                 stepped = [
-                    momentum_step(p, v, g, r, self.momentum, active)
+                    momentum_step(p, v, g, r, self.momentum, active, "fused")
                     for p, v, g, r in zip(params, velocity, grads, rates)
                 ]
                 params, velocity = [s[0] for s in stepped], [s[1] for s in stepped]
