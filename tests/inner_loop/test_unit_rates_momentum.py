@@ -37,6 +37,7 @@ from helpers import (
 from reptile_gen.algorithms import MAML
 from reptile_gen.inner_loop import FunctionalEngine, InnerLR, make_engine
 from reptile_gen.inner_loop.core import check_momentum, momentum_step, unit_shape
+from reptile_gen.inner_loop.core.guard import describe_rates
 from reptile_gen.models import MLP, GatedMLP
 
 LENGTHS = [6, 3, 5]  # task 1 has an all-padding step with two elements per step
@@ -243,3 +244,13 @@ def test_higher_momentum_is_sgds_own():
     message = "algorithm.inner_momentum=0.5 with engine.inner_optimizer={name: sgd, momentum: 0.9}"
     with pytest.raises(ValueError, match=re.escape(message)):
         make_engine("higher", {"name": "sgd", "momentum": 0.9}, inner_momentum=0.5)
+
+
+def test_the_divergence_message_names_the_momentum():
+    model = make_model()
+    shapes = [(n, p.shape) for n, p in model.named_parameters()]
+    assert describe_rates(InnerLR(shapes, 0.1, momentum=0.9)) == "inner_lr=0.1, inner_momentum=0.9"
+    assert describe_rates(InnerLR(shapes, 0.1)) == "inner_lr=0.1"
+    scheduled = describe_rates(InnerLR(shapes, 0.1, "per_unit", "linear", horizon=3, momentum=0.5))
+    assert scheduled.startswith("inner_lr_schedule=linear of learned (per_unit) in [0.1, 0.1]")
+    assert scheduled.endswith(", inner_momentum=0.5")
