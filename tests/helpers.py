@@ -12,7 +12,7 @@ from torch import nn
 from reptile_gen.data.task_batch import TaskBatch
 from reptile_gen.data.task_spec import TaskSpec
 from reptile_gen.inner_loop import InnerLR, InnerSchedule, make_engine
-from reptile_gen.inner_loop.core import first_visit
+from reptile_gen.inner_loop.core import first_visit, unit_shape
 from reptile_gen.models import MLP, build_model
 
 DTYPE = torch.float64
@@ -217,6 +217,8 @@ def reduce_lr_grads(lr: InnerLR, lr_grads: dict[str, torch.Tensor]) -> list[torc
     order = [by_key[key.removeprefix("rates.")] for key, _ in lr.named_parameters()]
     if lr.learned == "per_tensor":
         return [lr_grads[n].sum() for n in order]
+    if lr.learned == "per_unit":
+        return [lr_grads[n].sum_to_size(unit_shape(lr_grads[n].shape)) for n in order]
     return [lr_grads[n] for n in order]
 
 

@@ -19,6 +19,7 @@ from reptile_gen.inner_loop import InnerLoopEngine, InnerLR, InnerSchedule, make
 from reptile_gen.inner_loop.core.guard import DivergenceGuard
 from reptile_gen.inner_loop.core.losses import loss_kind
 from reptile_gen.inner_loop.core.rates import check_schedule
+from reptile_gen.inner_loop.core.update import check_momentum
 from reptile_gen.utils.stats import mean_and_ci95
 from reptile_gen.utils.step_logs import RunningMeans, is_logging_step
 
@@ -55,9 +56,14 @@ class MetaLearner(pl.LightningModule):
             takes ``inner_optimizer`` (``{name: sgd|adam|..., **kwargs}``). Default:
             ``{name: functional}``.
         inner_lr: each task's inner step size (never scaled by the meta-batch size).
-        inner_lr_learned: ``none|scalar|per_tensor|per_parameter`` (Meta-SGD), or
+        inner_lr_learned: ``none|scalar|per_tensor|per_parameter`` (Meta-SGD),
             ``per_step|per_layer_per_step`` (one learned rate per bucket of inner steps,
-            shared or per parameter tensor).
+            shared or per parameter tensor), or ``per_unit`` (one per output unit of each
+            tensor: a weight ``(out, in)`` has rates ``(out, 1)``, a learned plasticity
+            per unit).
+        inner_momentum: heavy-ball momentum ``beta`` of the inner SGD in ``[0, 1)``:
+            ``v = beta * v + g``, ``p = p - rate * v`` (0: plain SGD). Engines
+            functional (not compiled) and higher.
         inner_lr_schedule: the fixed factor of each inner step's rate: ``constant``,
             ``linear``, ``cosine``, ``exp`` (from 1 to ``inner_lr_end_factor`` over the
             steps of a training run) or a list of factors over equal buckets of steps; it
@@ -111,6 +117,7 @@ class MetaLearner(pl.LightningModule):
         inner_lr_schedule: str | Sequence[float] = "constant",
         inner_lr_end_factor: float = 0.1,
         inner_lr_buckets: int | None = None,
+        inner_momentum: float = 0.0,
         inner_steps: int | None = 1,
         inner_batch_size: int = 1,
         objective: str = "auto",
@@ -146,6 +153,7 @@ class MetaLearner(pl.LightningModule):
         if isinstance(inner_lr_schedule, Sequence) and not isinstance(inner_lr_schedule, str):
             inner_lr_schedule = list(inner_lr_schedule)  # a ListConfig from the config
         check_schedule(inner_lr_schedule, inner_lr_end_factor)
+        inner_momentum = check_momentum(inner_momentum)
         if inner_lr_learned != "none" and not self.learns_inner_lr:
             raise ValueError(
                 f"algorithm.inner_lr_learned={inner_lr_learned!r} with "
@@ -199,6 +207,7 @@ class MetaLearner(pl.LightningModule):
             truncate_steps=truncate_steps,
             inner_lr_learned=inner_lr_learned,
             inner_lr_schedule=inner_lr_schedule,
+            inner_momentum=inner_momentum,
             compile=compile_,
             **extra,
         )
@@ -209,6 +218,7 @@ class MetaLearner(pl.LightningModule):
             schedule=inner_lr_schedule,
             end_factor=inner_lr_end_factor,
             buckets=inner_lr_buckets,
+            momentum=inner_momentum,
             horizon=_inner_horizon(
                 task_spec, None if sequential else inner_steps, inner_batch_size
             ),

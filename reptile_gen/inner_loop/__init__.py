@@ -45,7 +45,9 @@ def make_engine(name: str, inner_optimizer: dict | None = None, **options) -> In
 
     ``options``: chunk_size, checkpoint_segments, truncate_steps, inner_lr_learned (the
     learned-rate mode the engine will run with, so that an engine refuses a mode it cannot
-    carry when it is built), inner_lr_schedule (likewise, the fixed rate schedule), compile. Each engine checks its own options
+    carry when it is built), inner_lr_schedule (likewise, the fixed rate schedule),
+    inner_momentum (likewise, the inner SGD's momentum), compile. Each engine checks its
+    own options
     (:meth:`InnerLoopEngine.from_options`): one it cannot do is a clear error, never a
     silent fallback.
     """

@@ -4,8 +4,10 @@ The prediction of element ``i`` is the model after one inner SGD step per
 ``inner_batch_size`` elements on the elements before it, starting from the meta-learned
 initial parameters. A sample is drawn element by element: predict ``y_i`` at ``x_i``,
 draw it (at a temperature), take the SGD step on ``(x_i, y_i)`` with the module's inner
-learning rates (learned Meta-SGD rates and per-step rates included) through the core update
-(:func:`reptile_gen.inner_loop.core.sgd_update`), go on. Every step is one
+learning rates (learned Meta-SGD, per-unit and per-step rates included) through the core
+update (:func:`reptile_gen.inner_loop.core.sgd_update`; with ``algorithm.inner_momentum``
+the heavy-ball step :func:`~reptile_gen.inner_loop.core.momentum_update`, the velocities
+carried along like the parameters), go on. Every step is one
 ``torch.func.vmap`` over samples of a per-sample step (``torch.func.grad`` of the step's
 loss, whose forward pass also draws the unknown elements), so the dynamics are exactly
 those of the functional engine's online schedule (:meth:`OnlineSampler.feed` reproduces
@@ -30,7 +32,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from reptile_gen.inner_loop import masked_mean
-from reptile_gen.inner_loop.core import sgd_update
+from reptile_gen.inner_loop.core import momentum_update, sgd_update
 from reptile_gen.inner_loop.core.guard import check_sampled_predictions
 from reptile_gen.sampling.checks import SamplingError, check_sampleable, check_temperature
 
@@ -48,12 +50,15 @@ class SequenceResult:
         logits: ``[N, S, C]`` each element's prediction before the model trained on it
             (C = 256 classes for text, 1 logit for bits); 0 where ``mask`` is False.
         params: the adapted parameters ``{name: [N, ...]}`` after the sequence.
+        velocity: with inner momentum, their velocities ``{name: [N, ...]}`` (what a
+            continued run starts from with the params); None for plain SGD.
     """
 
     y: torch.Tensor
     mask: torch.Tensor
     logits: torch.Tensor
     params: dict[str, torch.Tensor]
+    velocity: dict[str, torch.Tensor] | None = None
 
     def element_losses(self, spec) -> torch.Tensor:
         """``[N, S]`` each element's loss before the model trained on it (0 off the mask):
@@ -68,7 +73,7 @@ class OnlineSampler:
 
     Args:
         module: a trained :class:`~reptile_gen.algorithms.base.MetaLearner` of a sequence
-            task (text, mnist, digits) with a plain SGD inner loop.
+            task (text, mnist, digits) with an SGD inner loop (plain or with inner momentum).
         temperature: > 0; the draw is from ``softmax(logits / temperature)`` (bits:
             ``Bernoulli(sigmoid(logit / temperature))``). The SGD step always uses the
             model's own loss on the drawn element, as in training.
@@ -87,6 +92,7 @@ class OnlineSampler:
             for k, r in module.inner_lr.rates_by_name().items()
         }
         self.buffers = {n: b.detach() for n, b in self.model.named_buffers()}
+        self.momentum = float(getattr(module.inner_lr, "momentum", 0.0))
         self.inner_batch_size = module.train_schedule.inner_batch_size
         first = next(iter(self.theta.values()))
         self.device, self.dtype = first.device, first.dtype
@@ -122,10 +128,11 @@ class OnlineSampler:
             prevs.append(last)
         return torch.stack(prevs)
 
-    def _one_step(self, params, x, y, known, mask, noise, prev, stop_token, rates):
+    def _one_step(self, params, velocity, x, y, known, mask, noise, prev, stop_token, rates):
         """One sample, one inner step on elements ``x [k, ...]``: predict, draw the
         unknown ones, step on the masked mean loss (the engine's ``step_loss``).
-        ``prev``: the target before the step's first element (``prev_input`` only)."""
+        ``prev``: the target before the step's first element (``prev_input`` only);
+        ``velocity``: the parameters' velocities with inner momentum (``{}`` without)."""
 
         def step_loss(p):
             inputs, prevs = x, None
@@ -148,11 +155,24 @@ class OnlineSampler:
             return masked_mean(elements, m), (target, m, logits.detach())
 
         grads, (target, m, logits) = grad(step_loss, has_aux=True)(params)
-        new = sgd_update(params, grads, rates)
-        return new, torch.where(m, target, torch.zeros_like(target)), m, logits
+        if self.momentum:  # a step with no element (after the end) leaves both unchanged
+            new, velocity = momentum_update(params, velocity, grads, rates, self.momentum, m.any())
+        else:
+            new = sgd_update(params, grads, rates)
+        return new, torch.where(m, target, torch.zeros_like(target)), m, logits, velocity
 
     def step(
-        self, params, x, y, known, mask, noise, stop_token: int | None = None, prev=None, rates=None
+        self,
+        params,
+        x,
+        y,
+        known,
+        mask,
+        noise,
+        stop_token: int | None = None,
+        prev=None,
+        rates=None,
+        velocity=None,
     ):
         """One inner step for every sample at once (``vmap`` of the per-sample step).
 
@@ -167,17 +187,25 @@ class OnlineSampler:
                 (``prev_input`` only; default: the start token).
             rates: ``{name: rate}`` of this step (None: the base rates, as for a module
                 whose rates do not change along the inner loop).
+            velocity: ``{name: [N, ...]}`` the parameters' velocities (inner momentum
+                only; None: zero, as before a sequence's first step).
 
         Returns:
-            ``(params, y, mask, logits)`` after the step: the new parameters, the targets
-            stepped on, the elements stepped on and ``[N, k, C]`` pre-step predictions.
+            ``(params, y, mask, logits, velocity)`` after the step: the new parameters,
+            the targets stepped on, the elements stepped on, ``[N, k, C]`` pre-step
+            predictions and the new velocities (None for plain SGD).
         """
         rates = self.rates if rates is None else rates
         fn = partial(self._one_step, stop_token=stop_token, rates=rates)
         if prev is None:
             prev = torch.full(y.shape[:1], self._start, dtype=torch.long, device=y.device)
+        if not self.momentum:
+            velocity = {}
+        elif velocity is None:
+            velocity = {k: torch.zeros_like(p) for k, p in params.items()}
         with torch.enable_grad():
-            return vmap(fn, randomness="error")(params, x, y, known, mask, noise, prev)
+            out = vmap(fn, randomness="error")(params, velocity, x, y, known, mask, noise, prev)
+        return (*out[:4], out[4] if self.momentum else None)
 
     # ------------------------------------------------------------------ sequences
     def run(
@@ -190,6 +218,7 @@ class OnlineSampler:
         stop_token: int | None = None,
         params: dict[str, torch.Tensor] | None = None,
         prev: torch.Tensor | None = None,
+        velocity: dict[str, torch.Tensor] | None = None,
     ) -> SequenceResult:
         """Run the online schedule over ``x [N, S, ...]`` (one step per
         ``inner_batch_size`` elements, in order), drawing every element not ``known``.
@@ -199,7 +228,8 @@ class OnlineSampler:
         True this is teacher forcing: exactly the training dynamics. The noise of the
         draws comes from ``generator`` (CPU), all of it up front, so a seeded generator
         gives the same samples. ``stop_token``: a drawn (or given) target that ends its
-        sample. ``params``: start from these instead of the initial parameters.
+        sample. ``params``: start from these instead of the initial parameters (with
+        inner momentum, ``velocity`` too: a run's :attr:`SequenceResult.velocity`).
 
         ``x`` holds the elements' own coordinates (text: positions; images: (row, col));
         with ``task.prev_input`` the sampler appends each element's previous target, the
@@ -208,6 +238,12 @@ class OnlineSampler:
         """
         n, s = x.shape[:2]
         self._check_coordinates(x)
+        if self.momentum and params is not None and velocity is None:
+            raise SamplingError(
+                f"OnlineSampler.run: params given without their velocity; with "
+                f"algorithm.inner_momentum={self.momentum:g} a continued run needs both "
+                "(pass velocity=result.velocity of the run it continues)"
+            )
         x = x.to(self.device)
         y = (
             torch.zeros(n, s, dtype=self.target_dtype, device=self.device)
@@ -242,7 +278,7 @@ class OnlineSampler:
         for start in range(0, s, b):
             end = min(start + b, s)
             chunk_mask = mask[:, start:end] & alive[:, None]
-            params, ys, ms, logits = self.step(
+            params, ys, ms, logits, velocity = self.step(
                 params,
                 x[:, start:end],
                 y[:, start:end],
@@ -252,6 +288,7 @@ class OnlineSampler:
                 stop_token,
                 last,
                 plan.at(self.rates, start // b),
+                velocity,
             )
             last = ys[:, -1].long()
             check_sampled_predictions(logits, ms, start, self.module.inner_lr)
@@ -262,14 +299,16 @@ class OnlineSampler:
                 if not alive.any():
                     break
         params = {k: v.detach() for k, v in params.items()}
-        return SequenceResult(out_y, out_mask, out_logits, params)
+        if velocity is not None:
+            velocity = {k: v.detach() for k, v in velocity.items()}
+        return SequenceResult(out_y, out_mask, out_logits, params, velocity)
 
-    def feed(self, x, y, mask=None, params=None, prev=None) -> SequenceResult:
+    def feed(self, x, y, mask=None, params=None, prev=None, velocity=None) -> SequenceResult:
         """Teacher forcing: step through given targets ``y`` at ``x`` (the training
         dynamics); the result's :meth:`~SequenceResult.element_losses` are the online
-        losses. ``x``, ``params`` and ``prev`` as for :meth:`run`."""
+        losses. ``x``, ``params``, ``prev`` and ``velocity`` as for :meth:`run`."""
         known = torch.ones(y.shape[:2], dtype=torch.bool)
-        return self.run(x, y, known, mask, params=params, prev=prev)
+        return self.run(x, y, known, mask, params=params, prev=prev, velocity=velocity)
 
     def _check_coordinates(self, x: torch.Tensor) -> None:
         """With ``prev_input``, ``x`` must hold the elements' coordinates only (the

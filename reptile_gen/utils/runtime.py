@@ -105,6 +105,7 @@ INNER_LOOP_KEYS = (
     "inner_lr_schedule",
     "inner_lr_end_factor",
     "inner_lr_buckets",
+    "inner_momentum",
     "inner_steps",
     "inner_batch_size",
     "objective",

@@ -120,6 +120,32 @@ CASES = [
         "algorithm.inner_lr_learned='per_parameter' with engine=lowrank",
     ),
     (
+        "lowrank_momentum",
+        "train",
+        ["engine=lowrank", "algorithm.inner_momentum=0.9"],
+        "algorithm.inner_momentum=0.9 with engine=lowrank",
+    ),
+    ("momentum_1", "train", ["algorithm.inner_momentum=1.0"], "algorithm.inner_momentum=1.0"),
+    ("momentum_neg", "train", ["algorithm.inner_momentum=-0.5"], "algorithm.inner_momentum=-0.5"),
+    (
+        "compile_momentum",
+        "train",
+        ["engine.compile=true", "algorithm.inner_momentum=0.5"],
+        "algorithm.inner_momentum=0.5 with engine.compile=True",
+    ),
+    (
+        "higher_adam_momentum",
+        "train",
+        ["engine=higher", "engine.inner_optimizer.name=adam", "algorithm.inner_momentum=0.5"],
+        "algorithm.inner_momentum=0.5 with engine.inner_optimizer={name: adam}",
+    ),
+    (
+        "lstm_momentum",
+        "train",
+        ["algorithm=lstm", "+algorithm.inner_momentum=0.5"],
+        "algorithm.inner_momentum=0.5 with LSTM",
+    ),
+    (
         "compile_per_step",
         "train",
         ["engine.compile=true", "algorithm.inner_lr_schedule=linear"],

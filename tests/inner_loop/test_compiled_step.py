@@ -110,7 +110,7 @@ def test_programs_match_the_eager_engine(activation, loss):
     _check_every_mode(activation, loss)
 
 
-@pytest.mark.parametrize("learned", ["scalar", "per_tensor", "per_parameter"])
+@pytest.mark.parametrize("learned", ["scalar", "per_tensor", "per_parameter", "per_unit"])
 def test_learned_inner_rates(learned):
     """Meta-SGD: the rates' meta-gradients too, second and first order (the rates still
     learn under first-order MAML), every combination of adjoints."""

@@ -5,7 +5,8 @@
   the online objective ``element_losses.sum()``;
 * first-order MAML against a hand-written per-task SGD loop;
 * the ``functional`` engine against the ``higher`` engine: losses, adapted parameters and
-  meta-gradients, for every schedule, grad mode and learned-rate mode, with and without
+  meta-gradients, for every schedule, grad mode and learned-rate mode (per-unit rates
+  included; inner momentum: :mod:`test_unit_rates_momentum`), with and without
   padding (which must change nothing). Every body and output kind, on every engine:
   :mod:`test_parity`.
 """
@@ -106,7 +107,7 @@ def test_second_order_matches_directional_finite_differences(kind, schedule, pad
     _check_directions(fn, list(model.parameters()), grads)
 
 
-@pytest.mark.parametrize("learned", ["scalar", "per_tensor", "per_parameter"])
+@pytest.mark.parametrize("learned", ["scalar", "per_tensor", "per_parameter", "per_unit"])
 @pytest.mark.parametrize("kind,schedule", CASES[:3])
 def test_learned_inner_lr_second_order_matches_finite_differences(learned, kind, schedule):
     model = make_model()
@@ -143,7 +144,7 @@ def test_second_order_directional_derivatives_jointly(kind, schedule):
 
 # -------------------------------------------------------------------- first-order MAML
 @pytest.mark.parametrize("engine", [FUNCTIONAL, HIGHER], ids=lambda e: e.name)
-@pytest.mark.parametrize("learned", ["none", "scalar", "per_tensor", "per_parameter"])
+@pytest.mark.parametrize("learned", ["none", "scalar", "per_tensor", "per_parameter", "per_unit"])
 @pytest.mark.parametrize("kind,schedule", CASES)
 def test_first_order_matches_hand_written_reference(kind, schedule, learned, engine):
     """On a padded batch (task 0 full length, tasks 1 and 2 padded)."""
@@ -195,7 +196,7 @@ def test_engines_agree_on_losses_and_adapted_params(schedule, padded):
     assert a.query_losses.shape == (3, len(sched.slices(5)) + 1)
 
 
-@pytest.mark.parametrize("learned", ["none", "scalar", "per_tensor", "per_parameter"])
+@pytest.mark.parametrize("learned", ["none", "scalar", "per_tensor", "per_parameter", "per_unit"])
 @pytest.mark.parametrize("grad_mode", ["second_order", "first_order"])
 @pytest.mark.parametrize("kind,schedule", CASES)
 def test_engines_agree_on_meta_gradients(kind, schedule, grad_mode, learned):

@@ -258,7 +258,8 @@ def test_all_padding_task_is_a_no_op():
 
 # ------------------------------------------------------------------------- errors
 ALLOWED_RATES = (
-    "allowed: none, scalar, per_tensor, per_step, per_layer_per_step (or engine=functional)"
+    "allowed: none, scalar, per_tensor, per_step, per_layer_per_step, per_unit "
+    "(or engine=functional|higher)"
 )
 
 

@@ -1,7 +1,7 @@
 """Inner rates that change along the inner loop, in float64: fixed schedules equal a
 hand-computed rate sequence on every engine that runs them; per-step learned rates
-(``per_step``, ``per_layer_per_step``) get the generic path's meta-gradients on every
-engine and mode (the low-rank engine with its history read as rows and folded), and the
+(``per_step``, ``per_layer_per_step``), and per-unit rates (alone and on a schedule), get
+the generic path's meta-gradients on every engine and mode (the low-rank engine with its history read as rows and folded), and the
 exact ones match finite differences; the compiled program refuses them clearly."""
 
 from __future__ import annotations
@@ -135,6 +135,8 @@ def test_a_fixed_schedule_is_the_hand_computed_rate_sequence(engine, schedule):
         ("per_layer_per_step", "constant", 2),
         ("per_layer_per_step", "cosine", None),
         ("per_tensor", "linear", None),
+        ("per_unit", "constant", None),
+        ("per_unit", "cosine", None),
     ],
 )
 @pytest.mark.parametrize("mode", list(MODES))
@@ -195,7 +197,12 @@ LOWRANK_FOLDS = ["auto", "always", "never"]
 @pytest.mark.parametrize("spec", [CONTINUOUS, CLASSES], ids=["continuous", "classes"])
 @pytest.mark.parametrize(
     "rates",
-    [("none", "exp", None), ("per_tensor", (1.0, 0.25, 2.0), None), ("per_step", "cosine", 2)],
+    [
+        ("none", "exp", None),
+        ("per_tensor", (1.0, 0.25, 2.0), None),
+        ("per_step", "cosine", 2),
+        ("per_unit", "linear", None),
+    ],
 )
 def test_lowrank_runs_changing_rates_without_a_graph_as_the_functional_engine(rates, spec, fold):
     """Reptile's and evaluation's runs (no graph) on padded tasks: every loss (the query
@@ -225,16 +232,20 @@ def test_lowrank_runs_changing_rates_without_a_graph_as_the_functional_engine(ra
             torch.testing.assert_close(mean.adapted_mean[name], phi.mean(0), **tol, msg=name)
 
 
+@pytest.mark.parametrize(
+    "rates", [("per_layer_per_step", "cosine", 2), ("per_unit", "cosine", None)]
+)
 @pytest.mark.parametrize("mode", list(MODES))
-def test_lowrank_per_step_rates_on_embeddings_get_the_functional_meta_gradient(mode):
-    """Embedding tables (index history) with learned per-layer per-step rates on a
-    cosine schedule, padded tasks, the online objective: the functional engine's
-    meta-gradients, with the history read as rows and folded."""
+def test_lowrank_per_step_rates_on_embeddings_get_the_functional_meta_gradient(mode, rates):
+    """Embedding tables (index history) with learned per-layer per-step rates (or
+    per-unit rates: one per table row) on a cosine schedule, padded tasks, the online
+    objective: the functional engine's meta-gradients, with the history read as rows
+    and folded."""
     grad_mode, options = MODES[mode]
     spec = CLASSES
     model = make_model(spec)
     batch = make_batch(spec, num_tasks=3, support=6, query=None, lengths=LENGTHS)
-    lr = make_rates(model, "per_layer_per_step", "cosine", 2)
+    lr = make_rates(model, *rates)
     reference = FunctionalEngine(path="vmap_grad", truncate_steps=options.get("truncate_steps"))
     vb, gb = meta_grads(reference, model, batch, lr, ONLINE_2, "online", grad_mode, spec)
     for fold in LOWRANK_FOLDS:

@@ -100,6 +100,8 @@ def module_of(tmp_path, overrides, double=False):
             "algorithm.inner_lr_schedule=[1.0,0.5,0.25]",
             "algorithm.inner_batch_size=3",
         ],
+        [*TEXT, "algorithm.inner_lr_learned=per_unit", "algorithm.inner_momentum=0.5"],
+        [*DIGITS, "algorithm.inner_momentum=0.7", "algorithm.inner_batch_size=3"],
     ],
     ids=[
         "text-per_parameter",
@@ -107,12 +109,15 @@ def module_of(tmp_path, overrides, double=False):
         "digits-random-order-per_tensor",
         "text-per_step-linear",
         "digits-per_layer_per_step-list-batch3",
+        "text-per_unit-momentum",
+        "digits-momentum-batch3",
     ],
 )
 def test_teacher_forcing_reproduces_the_engine_online_losses(tmp_path, overrides):
     """Feeding a sequence through the sampler's steps is training's inner loop: the same
     online element losses as the functional engine (float64), learned rates included (per
-    step and scheduled ones too)."""
+    step, per unit and scheduled ones too), and inner momentum (padded text lines: a step
+    past a line's end moves neither weights nor velocity)."""
     datamodule, module = module_of(tmp_path, overrides, double=True)
     generator = torch.Generator().manual_seed(1)
     for rates in module.inner_lr.parameters():  # learned rates far from their init
@@ -120,12 +125,16 @@ def test_teacher_forcing_reproduces_the_engine_online_losses(tmp_path, overrides
     datamodule.setup("test")
     batch = next(iter(datamodule.test_dataloader()))
     with torch.enable_grad():
-        expected = module.adapt(batch, "none", module.eval_schedule).element_losses
+        run = module.adapt(batch, "none", module.eval_schedule, return_adapted=True)
+    expected = run.element_losses
     result = OnlineSampler(module).feed(batch.support_x, batch.support_y, batch.support_mask)
     losses = result.element_losses(module.task_spec)
     assert losses.dtype == torch.float64
     torch.testing.assert_close(losses, expected, rtol=1e-10, atol=1e-12)
     assert expected.sum() > 0
+    # and the weights at the end (past a padded line's end too)
+    for name, phi in run.adapted.items():
+        torch.testing.assert_close(result.params[name], phi, rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_first_element_is_drawn_from_the_model_at_theta0(tmp_path):
@@ -140,13 +149,13 @@ def test_first_element_is_drawn_from_the_model_at_theta0(tmp_path):
     x = coords[:1].expand(n, 1, 2)
     noise = torch.rand(n, 1, 1, generator=torch.Generator().manual_seed(0))
     zeros = torch.zeros(n, 1)
-    _, y, _, logits = sampler.step(params, x, zeros, zeros.bool(), ~zeros.bool(), noise)
+    _, y, _, logits, _ = sampler.step(params, x, zeros, zeros.bool(), ~zeros.bool(), noise)
     torch.testing.assert_close(logits[:, 0, 0], torch.full((n,), logit))
     p = torch.sigmoid(torch.tensor(logit)).item()
     assert abs(y.float().mean().item() - p) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-3
     # at a small temperature the draw is the most likely element
     cold = OnlineSampler(module, temperature=1e-6)
-    _, y, _, _ = cold.step(params, x, zeros, zeros.bool(), ~zeros.bool(), noise)
+    _, y, _, _, _ = cold.step(params, x, zeros, zeros.bool(), ~zeros.bool(), noise)
     assert (y == float(logit > 0)).all()
     images = generate_images(module, 3, 1e-6, torch.Generator().manual_seed(5))
     assert (images[:, 0, 0] == float(logit > 0)).all()
@@ -229,6 +238,26 @@ def test_complete_takes_any_subset_in_any_order(tmp_path):
     fed = sampler.feed(ck, bk)
     rest = sampler.run(cu, params=fed.params)
     assert torch.equal(out, rest.y)
+
+
+def test_a_continued_run_with_momentum_carries_the_velocity(tmp_path):
+    """With inner momentum the sampler's state is the weights and their velocities: a
+    run continued from both equals one run; from the weights alone it is an error."""
+    _, module = module_of(tmp_path, [*DIGITS, "algorithm.inner_momentum=0.5"], double=True)
+    rows, cols = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    coords = torch.stack([rows.flatten(), cols.flatten()], -1).expand(2, -1, -1)
+    bits = torch.randint(0, 2, (2, 64), generator=torch.Generator().manual_seed(0)).double()
+    sampler = OnlineSampler(module)
+    whole = sampler.feed(coords, bits)
+    first = sampler.feed(coords[:, :20], bits[:, :20])
+    assert first.velocity is not None and whole.velocity is not None
+    rest = sampler.feed(coords[:, 20:], bits[:, 20:], params=first.params, velocity=first.velocity)
+    torch.testing.assert_close(rest.logits, whole.logits[:, 20:], rtol=1e-12, atol=1e-12)
+    for name, p in whole.params.items():
+        torch.testing.assert_close(rest.params[name], p, rtol=1e-12, atol=1e-12)
+    with pytest.raises(SamplingError, match=r"params given without their velocity"):
+        sampler.feed(coords[:, 20:], bits[:, 20:], params=first.params)
+    assert OnlineSampler(module_of(tmp_path, DIGITS)[1]).feed(coords, bits).velocity is None
 
 
 def test_prompt_is_fed_first_and_too_long_a_prompt_is_a_clear_error(tmp_path):

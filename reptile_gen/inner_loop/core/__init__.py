@@ -1,5 +1,6 @@
-"""What every inner-loop engine shares: the SGD update, the rates, the run plan, the
-losses by output kind, the batched layers, segment recomputation and the result."""
+"""What every inner-loop engine shares: the SGD update (plain or with momentum), the
+rates, the run plan, the losses by output kind, the batched layers, segment
+recomputation and the result."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from reptile_gen.inner_loop.core.rates import (
     StepRates,
     per_step_rates,
     split_rates,
+    unit_shape,
 )
 from reptile_gen.inner_loop.core.result import (
     InnerLoopEngine,
@@ -31,7 +33,14 @@ from reptile_gen.inner_loop.core.result import (
     LossFn,
     masked_mean,
 )
-from reptile_gen.inner_loop.core.update import sgd_step, sgd_update, sgd_update_list
+from reptile_gen.inner_loop.core.update import (
+    check_momentum,
+    momentum_step,
+    momentum_update,
+    sgd_step,
+    sgd_update,
+    sgd_update_list,
+)
 
 __all__ = [
     "GRAD_MODES",
@@ -45,11 +54,14 @@ __all__ = [
     "LossFn",
     "RateSlots",
     "StepRates",
+    "check_momentum",
     "check_truncate_steps",
     "first_order_before",
     "first_visit",
     "last_active_step",
     "masked_mean",
+    "momentum_step",
+    "momentum_update",
     "num_segments",
     "per_step_rates",
     "segment_bounds",
@@ -59,4 +71,5 @@ __all__ = [
     "split_rates",
     "step_weights",
     "steps_with_data",
+    "unit_shape",
 ]

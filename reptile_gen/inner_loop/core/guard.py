@@ -24,14 +24,21 @@ __all__ = ["Diverged", "DivergenceGuard", "check_sampled_predictions", "describe
 
 def describe_rates(rates) -> str:
     """``inner_lr=...`` for a fixed rate, or the range of learned rates (an
-    :class:`~reptile_gen.inner_loop.InnerLR` or a plain number)."""
+    :class:`~reptile_gen.inner_loop.InnerLR` or a plain number), and the inner momentum
+    if there is one."""
+    text = _describe(rates)
+    momentum = getattr(rates, "momentum", 0.0)
+    return f"{text}, inner_momentum={momentum:g}" if momentum else text
+
+
+def _describe(rates) -> str:
     if isinstance(rates, (int, float)):
         return f"inner_lr={float(rates):g}"
     learned = getattr(rates, "learned", "none")
     schedule = getattr(rates, "schedule", "constant")
     if schedule != "constant":  # a fixed factor per step multiplies the rates below
         schedule = list(schedule) if isinstance(schedule, tuple) else schedule
-        return f"inner_lr_schedule={schedule} of " + describe_rates(_Unscheduled(rates))
+        return f"inner_lr_schedule={schedule} of " + _describe(_Unscheduled(rates))
     if learned == "none":
         return f"inner_lr={getattr(rates, 'init', float('nan')):g}"
     values = [

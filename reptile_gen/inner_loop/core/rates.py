@@ -10,9 +10,11 @@ The rate of inner step ``i`` of parameter tensor ``n`` is
     rate(i, n) = base(n) [bucket(i)] * factor(i)
 
 * ``base`` is ``inner_lr`` (fixed) or a learned tensor (``inner_lr_learned``): one
-  scalar, one per tensor, one per weight, or, for the per-step modes, a leading axis of
-  ``K`` buckets (``per_step``: ``[K]`` shared by every tensor; ``per_layer_per_step``:
-  ``[K]`` per tensor), initialised to ``inner_lr``;
+  scalar, one per tensor, one per weight, one per output unit (``per_unit``: a weight
+  ``(out, in)`` has rates ``(out, 1)``, a bias ``(out,)`` has ``(out,)``, any other tensor
+  one rate per index of its first axis, :func:`unit_shape`), or, for the per-step modes,
+  a leading axis of ``K`` buckets (``per_step``: ``[K]`` shared by every tensor;
+  ``per_layer_per_step``: ``[K]`` per tensor), initialised to ``inner_lr``;
 * ``factor`` is the fixed schedule (``inner_lr_schedule``): 1 (constant), a linear,
   cosine or exponential ramp from 1 at the first step to ``inner_lr_end_factor`` at the
   last step of the horizon, or a list of factors over equal buckets of the horizon;
@@ -33,6 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from reptile_gen.inner_loop.core.update import check_momentum
+
 __all__ = [
     "InnerLR",
     "LEARNED_LR_MODES",
@@ -44,6 +48,7 @@ __all__ = [
     "per_step_rates",
     "schedule_factors",
     "split_rates",
+    "unit_shape",
 ]
 
 LEARNED_LR_MODES = (
@@ -53,6 +58,7 @@ LEARNED_LR_MODES = (
     "per_parameter",
     "per_step",
     "per_layer_per_step",
+    "per_unit",
 )
 #: learned modes whose rates change along the inner loop (a leading axis of buckets)
 PER_STEP_MODES = ("per_step", "per_layer_per_step")
@@ -66,6 +72,14 @@ def _key(name: str) -> str:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def unit_shape(shape) -> tuple[int, ...]:
+    """The shape of a ``per_unit`` rate of a parameter of ``shape``: one rate per index of
+    the first axis (a weight's output unit), broadcast over the others (``(out, in)`` ->
+    ``(out, 1)``, ``(out,)`` -> ``(out,)``, a scalar -> ``()``)."""
+    shape = tuple(shape)
+    return (shape[0],) + (1,) * (len(shape) - 1) if shape else ()
 
 
 def check_schedule(schedule, end_factor) -> str | tuple[float, ...]:
@@ -166,7 +180,8 @@ class StepRates:
 
 
 class InnerLR(nn.Module):
-    """Inner learning rates, fixed, scheduled or meta-learned (Meta-SGD, Li et al. 2017;
+    """Inner learning rates, fixed, scheduled or meta-learned, and the inner step's
+    momentum (Meta-SGD, Li et al. 2017;
     per-step rates as in Meta-SGD's and MAML++'s per-step learning rates, Antoniou et al.
     2019).
 
@@ -175,8 +190,9 @@ class InnerLR(nn.Module):
         init: the initial (or fixed) learning rate, > 0.
         learned: ``none`` (a fixed float), ``scalar`` (one learned rate), ``per_tensor``
             (one per parameter tensor), ``per_parameter`` (one per weight, Meta-SGD),
-            ``per_step`` (one per bucket of steps) or ``per_layer_per_step`` (one per
-            parameter tensor per bucket of steps).
+            ``per_step`` (one per bucket of steps), ``per_layer_per_step`` (one per
+            parameter tensor per bucket of steps) or ``per_unit`` (one per output unit of
+            each tensor, :func:`unit_shape`: how plastic each unit is).
         schedule: fixed factor of each step: ``constant``, ``linear``, ``cosine``, ``exp``
             (1 at the first step, ``end_factor`` at the horizon's last) or a list of
             factors over equal buckets of the horizon. It multiplies the learned rates too.
@@ -184,6 +200,9 @@ class InnerLR(nn.Module):
         buckets: per-step modes: the number ``K`` of learned rates along the loop (None:
             one per step of the horizon).
         horizon: inner steps of a training run (None: each run's own step count).
+        momentum: the inner SGD's heavy-ball momentum ``beta`` in ``[0, 1)`` (0: plain
+            SGD): every engine that runs it, and the sampler, take the step
+            :func:`~reptile_gen.inner_loop.core.update.momentum_step` with these rates.
     """
 
     def __init__(
@@ -195,8 +214,10 @@ class InnerLR(nn.Module):
         end_factor: float = 0.1,
         buckets: int | None = None,
         horizon: int | None = None,
+        momentum: float = 0.0,
     ) -> None:
         super().__init__()
+        self.momentum = check_momentum(momentum)
         if learned not in LEARNED_LR_MODES:
             raise ValueError(
                 f"inner_lr_learned={learned!r}; allowed: {', '.join(LEARNED_LR_MODES)}"
@@ -221,9 +242,11 @@ class InnerLR(nn.Module):
             self.scalar = nn.Parameter(torch.tensor(self.init))
         elif learned == "per_step":
             self.steps = nn.Parameter(torch.full((self.buckets,), self.init))
-        elif learned in ("per_tensor", "per_parameter", "per_layer_per_step"):
+        elif learned in ("per_tensor", "per_parameter", "per_layer_per_step", "per_unit"):
 
             def shape(s):
+                if learned == "per_unit":
+                    return unit_shape(s)
                 return {"per_tensor": (), "per_parameter": tuple(s)}.get(learned, (self.buckets,))
 
             self.rates = nn.ParameterDict(
@@ -303,6 +326,8 @@ class InnerLR(nn.Module):
             extra += f", schedule={self.schedule}, end_factor={self.end_factor}"
         if self.buckets is not None:
             extra += f", buckets={self.buckets}"
+        if self.momentum:
+            extra += f", momentum={self.momentum}"
         return f"learned={self.learned}, init={self.init}{extra}"
 
 

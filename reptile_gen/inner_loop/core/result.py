@@ -96,7 +96,8 @@ class InnerLoopEngine:
     ) -> InnerLoopEngine:
         """The engine built from the config's options (``inner_optimizer``: its name;
         ``options``: chunk_size, checkpoint_segments, truncate_steps, inner_lr_learned,
-        inner_lr_schedule, compile). An option this engine cannot do is a clear error, never ignored."""
+        inner_lr_schedule, inner_momentum, compile). An option this engine cannot do is a
+        clear error, never ignored."""
         raise NotImplementedError
 
     @staticmethod

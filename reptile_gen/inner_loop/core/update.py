@@ -1,12 +1,23 @@
-"""The one SGD update every engine and the sampler take: ``p - r * g``."""
+"""The one SGD update every engine and the sampler take: ``p - r * g``, or with inner
+momentum (``algorithm.inner_momentum``) the heavy-ball step ``v = beta * v + g``,
+``p - r * v`` (:func:`momentum_step`)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["sgd_step", "sgd_update", "sgd_update_list", "UPDATE_FORMS"]
+__all__ = [
+    "UPDATE_FORMS",
+    "check_momentum",
+    "momentum_step",
+    "momentum_update",
+    "sgd_step",
+    "sgd_update",
+    "sgd_update_list",
+]
 
 #: how :func:`sgd_step` writes ``p - r * g``: ``plain`` (two ops, as written), ``fused``
 #: (one op: ``add`` with ``alpha`` or ``addcmul``) or ``inplace`` (into ``p``'s memory)
@@ -65,3 +76,64 @@ def sgd_update_list(
             return list(torch._foreach_add(list(params), list(grads), alpha=-rates))
         rates = [rates] * len(params)
     return [sgd_step(p, g, r, form) for p, g, r in zip(params, grads, rates)]
+
+
+def check_momentum(momentum) -> float:
+    """``algorithm.inner_momentum`` as a float if it is a number in ``[0, 1)``."""
+    ok = isinstance(momentum, (int, float)) and not isinstance(momentum, bool)
+    if not ok or not math.isfinite(momentum) or not 0 <= momentum < 1:
+        raise ValueError(
+            f"algorithm.inner_momentum={momentum!r}; must be a number >= 0 and < 1 (0: plain "
+            "SGD; beta in v = beta * v + g, p = p - inner_lr * v)"
+        )
+    return float(momentum)
+
+
+def momentum_step(
+    p: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    rate: torch.Tensor | float,
+    momentum: float,
+    active: torch.Tensor | None = None,
+    form: str = "plain",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One heavy-ball step (Polyak 1964; ``torch.optim.SGD`` with ``momentum``, no
+    dampening, no Nesterov): ``v' = momentum * v + g``, ``p' = p - rate * v'``; returns
+    ``(p', v')``. The velocity starts at zero, so the first step is plain SGD (``v' = g``,
+    as torch's first step sets the buffer to ``g``).
+
+    ``active``: per task (a leading axis of ``p``, or a scalar inside ``vmap``), whether
+    the step has a real element. A step that is all padding for a task is a no-op for it,
+    its velocity included (with plain SGD its zero gradient makes it one by itself), as an
+    optimizer that is not stepped (the ``higher`` engine skips such steps); None: every
+    task's step is real. ``form``: how ``p - rate * v'`` is written (:func:`sgd_step`)."""
+    v_new = torch.add(g, v, alpha=momentum)
+    p_new = sgd_step(p, v_new, rate, form)
+    if active is not None:
+        keep = active.reshape(*active.shape, *([1] * (p.dim() - active.dim())))
+        p_new = torch.where(keep, p_new, p)
+        v_new = torch.where(keep, v_new, v)
+    return p_new, v_new
+
+
+def momentum_update(
+    params: Mapping[str, torch.Tensor],
+    velocity: Mapping[str, torch.Tensor],
+    grads: Mapping[str, torch.Tensor | None],
+    rates: Mapping[str, torch.Tensor | float],
+    momentum: float,
+    active: torch.Tensor | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """:func:`momentum_step` for every tensor: ``(params', velocity')`` by name (a
+    ``None`` gradient leaves its tensor and velocity unchanged)."""
+    new_p, new_v = {}, {}
+    for name, p in params.items():
+        g = grads[name]
+        if g is None:
+            new_p[name], new_v[name] = p, velocity[name]
+            continue
+        new_p[name], new_v[name] = momentum_step(
+            p, velocity[name], g, rates[name], momentum, active
+        )
+    return new_p, new_v

@@ -33,8 +33,10 @@ use) rerun the loop with those adjoints.
 
 Covered (:func:`.compiled_plan.plan` says what is not): a ``SequenceModel`` with a
 continuous encoder, an ``MLP`` body (ReLU, Tanh, exact GELU or SiLU) and a ``Linear`` head;
-the squared-error, cross-entropy or Bernoulli loss; fixed or learned inner learning rates (Meta-SGD: scalar, per tensor, per
-parameter; their gradient ``-sum(theta_bar' * g)`` per step); the few-shot schedule
+the squared-error, cross-entropy or Bernoulli loss; fixed or learned inner learning rates
+(Meta-SGD: scalar, per tensor, per unit, per parameter; their gradient
+``-sum(theta_bar' * g)`` per step, summed to the rate's shape); plain SGD steps (no inner
+momentum); the few-shot schedule
 (every step on the whole support set, masks allowed); no checkpointing. Meta-training
 steps of ``maml``/``fomaml`` run here; evaluation (no meta-gradient) and anything else of
 the engine run its eager path, with the same numbers (float64 parity tests). Width-1 layers
@@ -142,6 +144,8 @@ def _make_programs(acts, loss, fixed, first_order, compile_):
                 term = -(theta_bar[i] * gp)
                 if r[i].dim() == 0:
                     term = term.reshape(term.shape[0], -1).sum(1)
+                elif r[i].shape != gp.shape[1:]:  # per-unit rates: summed over the inputs
+                    term = term.sum_to_size(term.shape[0], *r[i].shape)
                 rate_bar[j] = add_grad(rate_bar[j], term)
             seed = None
             if g_steps is not None:

@@ -72,9 +72,12 @@ class FunctionalEngine(InnerLoopEngine):
 
     Parameters are a dict of tensors, the SGD step ``theta - lr * g`` is an ordinary tensor
     op, and ``torch.func.grad`` composes with the outer autograd graph, so second-order
-    MAML needs nothing special. Supports plain SGD as the inner optimizer, fixed,
-    scheduled or learned (scalar, per-tensor, per-parameter, per-step, per-layer per-step)
-    inner learning rates, and masks (rates that change along the loop: not compiled).
+    MAML needs nothing special. Supports SGD as the inner optimizer, plain or with
+    heavy-ball momentum (``InnerLR.momentum``: the velocities are carried through the
+    steps and checkpointed segments like the parameters; not compiled), fixed, scheduled
+    or learned (scalar, per-tensor, per-unit, per-parameter, per-step, per-layer
+    per-step) inner learning rates, and masks (rates that change along the loop: not
+    compiled).
 
     Args:
         chunk_size: tasks per ``vmap`` chunk (None: all at once).
@@ -139,8 +142,11 @@ class FunctionalEngine(InnerLoopEngine):
         options = dict(options)
         learned = options.pop("inner_lr_learned", "none")  # every mode is supported
         schedule = options.pop("inner_lr_schedule", "constant")
+        momentum = options.pop("inner_momentum", 0.0)
         if options.get("compile") and per_step_rates(learned, schedule):
             raise ValueError(_COMPILE_PER_STEP.format(compile=options["compile"]))
+        if options.get("compile") and momentum:
+            raise ValueError(_COMPILE_MOMENTUM.format(compile=options["compile"], beta=momentum))
         return cls(**options)
 
     def resolve_path(self, model: nn.Module, names: list[str] | None = None) -> tuple[str, object]:
@@ -202,13 +208,21 @@ class FunctionalEngine(InnerLoopEngine):
         n_first_order = first_order_before(num_steps, grad_mode, self.truncate_steps)
         path, batched = self.resolve_path(model, names)
         track = track_query and batch.has_query
+        momentum = lr.momentum
         if path == "vmap_grad":
-            runner = SegmentRunner(model, names, loss_fn, rates, self.chunk_size, track, step_rates)
+            runner = SegmentRunner(
+                model, names, loss_fn, rates, self.chunk_size, track, step_rates, momentum
+            )
         else:
             runner = BatchedRunner(
                 model, names, loss_fn, rates, self.chunk_size, track, path, batched,
-                hand_backward=self.hand_backward, step_rates=step_rates,
+                hand_backward=self.hand_backward, step_rates=step_rates, momentum=momentum,
             )  # fmt: skip
+        # the state each step carries: the parameters, then (momentum) their velocities,
+        # zero before the first step
+        if momentum:
+            params = params + [p.new_zeros(()).expand(p.shape) for p in params]
+        num_state = len(params)
         data = (batch.support_x, batch.support_y, batch.support_mask)
         query = (batch.query_x, batch.query_y) if batch.has_query else None
 
@@ -225,23 +239,24 @@ class FunctionalEngine(InnerLoopEngine):
 
         step_losses, element_losses, query_losses = [], [], []
         if query is not None and track_query:
-            query_losses.append(runner.query_losses(params, query))
+            query_losses.append(runner.query_losses(params[: len(names)], query))
         for a, b in zip(bounds[:-1], bounds[1:]):
             steps = [
                 (slices[i][0], slices[i][1], records[i], i < n_first_order, i) for i in range(a, b)
             ]
-            if segments > 1:
-                segment = _flat_segment(runner, steps, query, data, len(names))
+            if segments > 1:  # the velocities too are a segment's inputs and outputs
+                segment = _flat_segment(runner, steps, query, data, num_state)
                 outs = RecomputedSegment.apply(segment, *params, *runner.rate_tensors)
             else:
                 outs = runner.segment(steps, query, data, params, runner.rate_tensors)
-            params = list(outs[: len(names)])
-            seg_steps, seg_elements, seg_query = outs[len(names) :]
+            params = list(outs[:num_state])
+            seg_steps, seg_elements, seg_query = outs[num_state:]
             step_losses.append(seg_steps)
             if seg_elements.shape[1]:
                 element_losses.append(seg_elements)
             if query is not None and track_query:
                 query_losses.append(seg_query)
+        params = params[: len(names)]
         if query is not None and not track_query:
             query_losses.append(runner.query_losses(params, query))
 
@@ -272,6 +287,8 @@ class FunctionalEngine(InnerLoopEngine):
         loss = compiled_plan.check_call(loss_fn, self.checkpoint_segments)
         if lr.per_step:
             raise ValueError(_COMPILE_PER_STEP.format(compile=self.compile))
+        if lr.momentum:
+            raise ValueError(_COMPILE_MOMENTUM.format(compile=self.compile, beta=lr.momentum))
         if (
             eager_only
             or grad_mode == "none"
@@ -305,6 +322,13 @@ _COMPILE_PER_STEP = (
     "(algorithm.inner_lr_schedule other than constant, or inner_lr_learned=per_step|"
     "per_layer_per_step): the compiled program takes one rate per tensor for every step; "
     "allowed: engine.compile=false"
+)
+
+
+_COMPILE_MOMENTUM = (
+    "algorithm.inner_momentum={beta} with engine.compile={compile}: the compiled program "
+    "runs plain SGD steps; allowed: engine.compile=false (the eager functional engine runs "
+    "inner momentum), or algorithm.inner_momentum=0"
 )
 
 

@@ -35,7 +35,13 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call, vmap
 
-from reptile_gen.inner_loop.core import RateSlots, StepRates, sgd_step, step_weights
+from reptile_gen.inner_loop.core import (
+    RateSlots,
+    StepRates,
+    momentum_step,
+    sgd_step,
+    step_weights,
+)
 from reptile_gen.inner_loop.core.losses import closed_form_loss
 from reptile_gen.inner_loop.core.model_plan import BatchedModel
 from reptile_gen.inner_loop.functional import second_order as reverse_pass
@@ -60,6 +66,10 @@ class BatchedRunner:
         batched: the compiled model (needed by ``analytic`` and ``autograd``).
         step_rates: the run's :class:`~reptile_gen.inner_loop.core.StepRates` (scheduled or
             per-step learned rates; None: the same rates at every step).
+        momentum: the inner step's heavy-ball momentum (0: plain SGD). With momentum the
+            state a segment carries is the parameters, then their velocities (same
+            shapes), and the autograd graph of the same ops replaces the hand-written
+            reverse pass (which differentiates plain SGD steps).
     """
 
     def __init__(
@@ -74,7 +84,9 @@ class BatchedRunner:
         batched: BatchedModel | None,
         hand_backward: bool = True,
         step_rates: StepRates | None = None,
+        momentum: float = 0.0,
     ) -> None:
+        self.momentum = momentum
         self.model = model
         self.names = names
         self.loss_fn = loss_fn
@@ -92,6 +104,8 @@ class BatchedRunner:
             if hand_backward and reverse_pass.supports(batched, self.loss_grad)
             else None
         )  # fmt: skip
+        #: the hand-written reverse pass of whole segments (plain SGD steps only)
+        self.hand_segments = self.hand is not None and not momentum
 
     # -------------------------------------------------------------- forward
     def forward(self, params: list, x: torch.Tensor, keep: bool = False, share: bool = True):
@@ -170,8 +184,9 @@ class BatchedRunner:
 
     def segment(self, steps, query, data, params, rate_tensors):
         """Run ``steps`` (``(start, end, record, first_order, index)`` each) from batched
-        ``params``; returns the new params, ``[B, n]`` step losses, ``[B, e]`` element
-        losses of the recorded steps and ``[B, n]`` query losses (if tracked)."""
+        ``params`` (with momentum: the parameters, then their velocities); returns the
+        new params (and velocities), ``[B, n]`` step losses, ``[B, e]`` element losses of
+        the recorded steps and ``[B, n]`` query losses (if tracked)."""
         if self.chunk_size is None or params[0].shape[0] <= self.chunk_size:
             return self._segment(steps, query, data, params, rate_tensors)
         pieces = []
@@ -195,7 +210,9 @@ class BatchedRunner:
         sx, sy, sm = data
         grad_on = torch.is_grad_enabled()
         graph = grad_on and (_needs_grad(params) or _needs_grad(rate_tensors))
-        if self.hand is not None and graph and not track_query and steps:
+        n = len(self.names)
+        params, velocity = params[:n], (params[n:] if self.momentum else [])
+        if self.hand_segments and graph and not track_query and steps:
             return self.hand.HandSegment.apply(
                 self, steps, data, len(params), *params, *rate_tensors
             )
@@ -214,13 +231,23 @@ class BatchedRunner:
                 element_losses.append(elements * mask)
             if first_order:
                 grads = [g.detach() for g in grads]
-            params = [sgd_step(p, g, r, "fused") for p, g, r in zip(params, grads, rates)]
+            if self.momentum:
+                active = mask.sum(1) > 0
+                active = None if bool(active.all()) else active  # no padding-only task
+                stepped = [
+                    momentum_step(p, v, g, r, self.momentum, active, "fused")
+                    for p, v, g, r in zip(params, velocity, grads, rates)
+                ]
+                params, velocity = [s[0] for s in stepped], [s[1] for s in stepped]
+            else:
+                params = [sgd_step(p, g, r, "fused") for p, g, r in zip(params, grads, rates)]
             if track_query:
                 query_losses.append(self._query(params, query))
         num_tasks = sx.shape[0]
         zero = sx.new_zeros((num_tasks, 0), dtype=params[0].dtype)
         return (
             *params,
+            *velocity,
             torch.stack(step_losses, 1) if step_losses else zero,
             torch.cat(element_losses, 1) if element_losses else zero,
             torch.stack(query_losses, 1) if query_losses else zero,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call, grad, vmap
 
-from reptile_gen.inner_loop.core import RateSlots, masked_mean, sgd_update
+from reptile_gen.inner_loop.core import RateSlots, masked_mean, momentum_update, sgd_update
 
 __all__ = ["SegmentRunner"]
 
@@ -16,9 +16,10 @@ class SegmentRunner:
     ``grad``): the ``vmap_grad`` path."""
 
     def __init__(
-        self, model, names, loss_fn, rates, chunk_size, track_query, step_rates=None
+        self, model, names, loss_fn, rates, chunk_size, track_query, step_rates=None, momentum=0.0
     ) -> None:
         self.model = model
+        self.momentum = momentum  # with momentum the state is the params, then velocities
         self.names = names
         self.loss_fn = loss_fn
         # learned rates become explicit inputs (so a checkpointed segment can return
@@ -48,13 +49,17 @@ class SegmentRunner:
 
     def segment(self, steps, query, data, params, rate_tensors):
         """Run ``steps`` (``(start, end, record, first_order, index)`` each) from batched
-        ``params`` with the learned rates ``rate_tensors``; returns the new params,
+        ``params`` (with momentum: then their velocities) with the learned rates
+        ``rate_tensors``; returns the new params (and velocities),
         ``[B, n]`` step losses, ``[B, e]`` element losses of the recorded steps, and
         ``[B, n]`` query losses (if tracked)."""
         track_query = self.track_query and query is not None
 
+        n = len(self.names)
+
         def one_task(sx, sy, sm, qx, qy, *flat):
-            p = dict(zip(self.names, flat))
+            p = dict(zip(self.names, flat[:n]))
+            v = dict(zip(self.names, flat[n:]))
             step_losses, element_losses, query_losses = [], [], []
             for start, end, record, first_order, index in steps:
                 x, y, m = sx[start:end], sy[start:end], sm[start:end]
@@ -65,12 +70,17 @@ class SegmentRunner:
                     element_losses.append(elements)
                 if first_order:
                     grads = {k: g.detach() for k, g in grads.items()}
-                p = sgd_update(p, grads, self.slots.rates(rate_tensors, index))
+                rates = self.slots.rates(rate_tensors, index)
+                if self.momentum:
+                    p, v = momentum_update(p, v, grads, rates, self.momentum, m.any())
+                else:
+                    p = sgd_update(p, grads, rates)
                 if track_query:
                     query_losses.append(self._query_loss(p, qx, qy))
             zero = sx.new_zeros((0,), dtype=flat[0].dtype)
             return (
                 *(p[k] for k in self.names),
+                *(v[k] for k in self.names if v),
                 torch.stack(step_losses) if step_losses else zero,
                 torch.cat(element_losses) if element_losses else zero,
                 torch.stack(query_losses) if query_losses else zero,

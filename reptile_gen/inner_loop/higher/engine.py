@@ -49,6 +49,8 @@ class HigherEngine(InnerLoopEngine):
     per-step learned rates) override it at every step (with another inner optimizer, the
     schedule is that optimizer's ``lr`` per step). A step whose elements are all padding is
     skipped, so stateful optimizers (Adam's moments, step counts) are not advanced by it.
+    Inner momentum (``InnerLR.momentum``, ``algorithm.inner_momentum``) is higher's SGD
+    ``momentum`` (no dampening, no Nesterov): the heavy-ball step of the core update.
 
     Args:
         inner_optimizer: name in :data:`INNER_OPTIMIZERS`.
@@ -77,6 +79,8 @@ class HigherEngine(InnerLoopEngine):
                 f"engine=higher: {', '.join(INNER_OPTIMIZERS)}"
             )
         skip = ("compile", "inner_lr_learned", "inner_lr_schedule")  # every rate is supported
+        _check_momentum(options.get("inner_momentum", 0.0), inner_optimizer, inner_optimizer_kwargs)
+        skip += ("inner_momentum",)
         options = {k: v for k, v in options.items() if k not in skip}
         truncate_steps = options.pop("truncate_steps", None)
         unsupported = sorted(k for k, v in options.items() if v not in (None, 1))
@@ -117,8 +121,12 @@ class HigherEngine(InnerLoopEngine):
             step_lrs = [{"lr": [plan.at(rates, i)[n] for n in names]} for i in range(len(slices))]
         elif lr.is_learned:
             override = {"lr": [rates[n] for n in names]}
+        kwargs = dict(self.inner_optimizer_kwargs)
+        if lr.momentum:
+            _check_momentum(lr.momentum, self.inner_optimizer, kwargs)
+            kwargs["momentum"] = lr.momentum
         optimizer = INNER_OPTIMIZERS[self.inner_optimizer](
-            [{"params": [p]} for p in model.parameters()], lr=lr.init, **self.inner_optimizer_kwargs
+            [{"params": [p]} for p in model.parameters()], lr=lr.init, **kwargs
         )
         records = first_visit(slices)
         # steps before n_first_order have their inner gradients treated as constants
@@ -182,6 +190,22 @@ class HigherEngine(InnerLoopEngine):
                 if return_adapted
                 else None
             ),
+        )
+
+
+def _check_momentum(momentum, inner_optimizer: str, kwargs: dict) -> None:
+    """``algorithm.inner_momentum`` is SGD's momentum: a clear error with another inner
+    optimizer, or with momentum options of its own."""
+    if not momentum:
+        return
+    own = sorted(k for k in ("momentum", "dampening", "nesterov") if kwargs.get(k))
+    if inner_optimizer != "sgd" or own:
+        given = f"name: {inner_optimizer}" + "".join(f", {k}: {kwargs[k]}" for k in own)
+        raise ValueError(
+            f"algorithm.inner_momentum={momentum} with engine.inner_optimizer={{{given}}}: "
+            "inner momentum is the heavy-ball step of inner SGD; allowed: "
+            "engine.inner_optimizer.name=sgd without momentum options of its own, or "
+            "algorithm.inner_momentum=0"
         )
 
 

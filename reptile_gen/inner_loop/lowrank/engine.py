@@ -53,9 +53,16 @@ rate is in the rows with its graph, so a first-order run keeps those rows (const
 times a rate) with a graph rather than in the buffers, and the checkpointed backward gets
 the rates' gradients from the recomputed rows like the weights' (see ``state.Env``).
 
-Limits (clear errors): plain SGD only; learned inner rates ``scalar``, ``per_tensor``,
-``per_step`` or ``per_layer_per_step`` (a ``per_parameter`` rate matrix does not factor
-out of the sum); each low-rank layer must run once per forward pass.
+Per-unit rates (``inner_lr_learned=per_unit``: one rate per output unit, a weight
+``(out, in)`` has ``(out, 1)``) scale the output side of each rank-one update,
+``r * delta_s``: they go into the rows as a per-step rate does (an embedding table's rate
+is per table row: a row takes the rate of the row it looked up).
+
+Limits (clear errors): plain SGD only (no ``inner_momentum``: a velocity is a dense
+per-task tensor, which this engine exists to avoid); learned inner rates ``scalar``,
+``per_tensor``, ``per_unit``, ``per_step`` or ``per_layer_per_step`` (a ``per_parameter``
+rate matrix does not factor out of the sum); each low-rank layer must run once per
+forward pass.
 """
 
 from __future__ import annotations
@@ -84,8 +91,18 @@ if TYPE_CHECKING:
 __all__ = ["LowRankEngine", "LOWRANK_LR_MODES"]
 
 #: learned inner learning rates the low-rank form can carry (one rate per weight tensor,
-#: or per weight tensor and step)
-LOWRANK_LR_MODES = ("none", "scalar", "per_tensor", "per_step", "per_layer_per_step")
+#: per weight tensor and step, or per output unit)
+LOWRANK_LR_MODES = ("none", "scalar", "per_tensor", "per_step", "per_layer_per_step", "per_unit")
+
+
+def _check_momentum(value) -> None:
+    if value:
+        raise ValueError(
+            f"algorithm.inner_momentum={value} with engine=lowrank: the low-rank engine "
+            "runs plain SGD (a velocity is a dense per-task copy of every weight, which its "
+            "history of rows avoids); allowed: engine=functional|higher, or "
+            "algorithm.inner_momentum=0"
+        )
 
 
 def _check_learned(value: str) -> None:
@@ -93,7 +110,7 @@ def _check_learned(value: str) -> None:
         raise ValueError(
             f"algorithm.inner_lr_learned={value!r} with engine=lowrank: a "
             "per-parameter rate matrix does not factor out of the low-rank update; allowed: "
-            f"{', '.join(LOWRANK_LR_MODES)} (or engine=functional)"
+            f"{', '.join(LOWRANK_LR_MODES)} (or engine=functional|higher)"
         )
 
 
@@ -111,6 +128,7 @@ class LowRankEngine(InnerLoopEngine):
             the engine is built (any but ``per_parameter``).
         inner_lr_schedule: the fixed rate schedule it will be run with (any: a step's
             factor multiplies its history rows).
+        inner_momentum: the inner momentum it will be run with (0 only: an error else).
         fold: how a recomputed checkpoint segment reads the history before it: ``auto``
             (as rows or folded into a dense per-task weight delta, whichever reads less),
             ``always`` (folded) or ``never`` (rows); the same numbers.
@@ -129,6 +147,7 @@ class LowRankEngine(InnerLoopEngine):
         truncate_steps: int | None = None,
         inner_lr_learned: str = "none",
         inner_lr_schedule="constant",
+        inner_momentum: float = 0.0,
         fold: str = "auto",
         poison_history: bool = False,
         on_step: Callable[[str, int], None] | None = None,
@@ -140,6 +159,7 @@ class LowRankEngine(InnerLoopEngine):
         ):
             raise ValueError(f"engine.chunk_size={chunk_size!r}; allowed: null or an integer >= 1")
         _check_learned(inner_lr_learned)
+        _check_momentum(inner_momentum)
         if fold not in FOLDS:
             raise ValueError(
                 f"engine.fold={fold!r}: how the low-rank engine reads its history; allowed: {', '.join(FOLDS)}"
@@ -177,6 +197,7 @@ class LowRankEngine(InnerLoopEngine):
         return_adapted: bool | str = False,
     ) -> InnerLoopResult:
         _check_learned(lr.learned)
+        _check_momentum(lr.momentum)
         if return_adapted not in (False, True, "mean"):
             raise ValueError(f"return_adapted={return_adapted!r}; allowed: False, True, 'mean'")
         # tasks sorted by their last step with a real element: the tasks still active at

@@ -72,7 +72,7 @@ class RunLoops:
                 written = zip(writers, rows, self.sites, inputs, deltas, scales)
                 for (wa, wd), r, s, a, d, c in written:
                     wa[:n, r : r + s.rows] = a.detach()
-                    wd[:n, r : r + s.rows] = scale_rows(d, c).detach()
+                    wd[:n, r : r + s.rows] = scale_rows(d, c, s, a).detach()
                 if in_place:
                     for p, g, rate in zip(small, g_small, small_rates):
                         sgd_step(p[:n], g, rate, "inplace")
@@ -160,7 +160,9 @@ class RunLoops:
                 elements, *deltas = (pad_tasks(t, b) for t in (elements, *deltas))
                 inputs = [pad_tasks(t, b) for t in inputs]
             for j in range(n):
-                local[j].append((inputs[j], scale_rows(deltas[j], scales[j])))
+                local[j].append(
+                    (inputs[j], scale_rows(deltas[j], scales[j], self.sites[j], inputs[j]))
+                )
             outs.add(self, step, elements)
             if outs.track_query:
                 outs.queries.append(self.query_loss(env, small, pieces_now()))

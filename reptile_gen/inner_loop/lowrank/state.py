@@ -30,7 +30,9 @@ class Env:
     factor ``f_i`` in the rows and keeps the base rate (fixed or learned ``scalar`` /
     ``per_tensor``) as the site's rate (:attr:`site_rates`); a learned per-step rate
     puts the whole rate ``r_i`` in the rows, with the graph to ``r_i`` that a row carries,
-    and the site's rate is 1.
+    and the site's rate is 1. A per-unit rate (``per_unit``, one per row of the weight)
+    goes into the rows the same way, each row's output entries times their unit's rate
+    (an embedding's row: the rate of the table row it looked up, :func:`scale_rows`).
     """
 
     def __init__(self, weights: list[torch.Tensor], rate_tensors: list[torch.Tensor], run):
@@ -38,7 +40,13 @@ class Env:
         self.rate_tensors = rate_tensors
         self.slots = slots = run.rate_slots
         self.site_names, self.small_names = run.site_names, run.small_names
-        self.rows_hold_rates = slots.steps is not None and slots.steps.buckets is not None
+        per_unit = any(
+            torch.is_tensor(r) and r.dim() > 0
+            for r in (slots.rate(n, rate_tensors) for n in run.site_names)
+        )
+        self.rows_hold_rates = per_unit or (
+            slots.steps is not None and slots.steps.buckets is not None
+        )
         if self.rows_hold_rates:
             self.site_rates = [1.0] * len(run.site_names)
         else:
@@ -49,7 +57,7 @@ class Env:
         """``(row scales, small rates)`` of step ``step``: per site, what multiplies the
         step's history rows ``D`` (None: nothing), and per small parameter its rate."""
         steps = self.slots.steps
-        if steps is None:
+        if steps is None and not self.rows_hold_rates:
             return [None] * len(self.site_names), self.small_rates
         rates = self.slots.rates(self.rate_tensors, step)
         small = [rates[n] for n in self.small_names]
@@ -59,9 +67,18 @@ class Env:
         return [None if f == 1.0 else f] * len(self.site_names), small
 
 
-def scale_rows(d: torch.Tensor, scale) -> torch.Tensor:
-    """History rows ``d`` times their step's ``scale`` (None: unchanged)."""
-    return d if scale is None else d * scale
+def scale_rows(d: torch.Tensor, scale, site=None, a: torch.Tensor | None = None) -> torch.Tensor:
+    """History rows ``d`` (``[B, r, out]``) times their step's ``scale`` (None:
+    unchanged): a number, or a per-unit rate of the ``site``'s weight (one per row of the
+    weight, :func:`~reptile_gen.inner_loop.core.rates.unit_shape`): a linear layer's
+    ``(out, 1)`` scales each output entry of a row; an embedding table's ``(num, 1)``
+    scales each row by the rate of the table row it looked up (its index in ``a``)."""
+    if scale is None:
+        return d
+    if torch.is_tensor(scale) and scale.dim() > 0:
+        scale = scale.reshape(-1)
+        scale = scale[a].unsqueeze(-1) if site.embedding else scale
+    return d * scale
 
 
 def pad_tasks(t: torch.Tensor, num_tasks: int) -> torch.Tensor:
