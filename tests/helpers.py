@@ -86,11 +86,16 @@ def unpadded_task(batch: TaskBatch, b: int) -> TaskBatch:
 def make_lr(model: nn.Module, learned: str = "none", init: float = 0.1, seed: int = 2) -> InnerLR:
     """Inner rates; learned ones are jittered around ``init`` so every entry differs."""
     lr = InnerLR([(n, p.shape) for n, p in model.named_parameters()], init, learned).double()
-    if lr.is_learned:
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in lr.parameters():
-                p.mul_(1 + 0.5 * (torch.rand(p.shape, generator=g, dtype=DTYPE) - 0.5))
+    return jitter_rates(lr, seed, spread=0.5)
+
+
+def jitter_rates(lr: InnerLR, seed: int = 3, spread: float = 0.6) -> InnerLR:
+    """``lr`` with each learned rate multiplied by a factor in ``1 ± spread / 2`` (in place),
+    so that every entry differs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lr.parameters():
+            p.mul_(1 + spread * (torch.rand(p.shape, generator=g, dtype=p.dtype) - 0.5))
     return lr
 
 
@@ -227,3 +232,85 @@ def assert_all_close(actual, expected, rtol=1e-10, atol=1e-12, what=""):
         torch.testing.assert_close(
             a, e, rtol=rtol, atol=atol, msg=lambda m, i=i: f"{what}[{i}]: {m}"
         )
+
+
+def _functional(**options):
+    from reptile_gen.inner_loop import FunctionalEngine
+
+    return FunctionalEngine(**options)
+
+
+#: every engine and functional path the parity suites check, by name: options -> engine
+PARITY_ENGINES = {
+    "functional": lambda **o: make_engine("functional", **o),
+    "functional_autograd_graph": lambda **o: _functional(hand_backward=False, **o),
+    "functional_vmap": lambda **o: _functional(path="vmap", **o),
+    "higher": lambda **o: make_engine("higher", **o),
+    "lowrank": lambda **o: make_engine("lowrank", **o),
+}
+
+#: each inner-loop mode of the parity suites -> (grad_mode, the engine options it needs)
+PARITY_MODES = {
+    "reptile": ("none", {}),
+    "first_order": ("first_order", {}),
+    "second_order": ("second_order", {}),
+    "checkpointed": ("second_order", {"checkpoint_segments": 2}),
+    "truncated": ("second_order", {"truncate_steps": 2}),
+}
+
+
+def reference_engine(options: dict):
+    """The generic path every engine is checked against: the functional engine's plain
+    ``vmap_grad`` path, with the same truncation (checkpointing changes no gradient)."""
+    return _functional(path="vmap_grad", truncate_steps=options.get("truncate_steps"))
+
+
+def assert_matches_reference(
+    ours, options, model, batch, lr, schedule, objective, grad_mode, spec, *,
+    what="", tol=None, fd_rtol=None, every_row=False,
+):  # fmt: skip
+    """``ours`` gives the generic path's result (:func:`reference_engine`), in float64.
+
+    ``grad_mode="none"`` (Reptile): the same step, element and query losses, adapted
+    weights and their mean, without a graph. Otherwise: the same objective and
+    meta-gradient; every tensor (``every_row``: every row of every tensor, e.g. every
+    unit's rate) gets one; with ``fd_rtol``, the meta-gradient along a random direction
+    equals the finite difference of the reference's objective to ``fd_rtol``."""
+    tol = tol or {"rtol": 1e-10, "atol": 1e-12}
+    reference = reference_engine(options)
+    if grad_mode == "none":
+        kw = {"return_adapted": True, "track_query": batch.has_query}
+        with torch.enable_grad():
+            a = ours.run(model, batch, spec.elementwise_loss, lr, schedule, "none", **kw)
+            b = reference.run(model, batch, spec.elementwise_loss, lr, schedule, "none", **kw)
+        for field in ("step_losses", "element_losses", "query_losses"):
+            x, y = getattr(a, field), getattr(b, field)
+            assert (x is None) == (y is None), field
+            if x is not None:
+                torch.testing.assert_close(x, y, **tol, msg=field)
+        assert_all_close(list(a.adapted.values()), list(b.adapted.values()), what="adapted", **tol)
+        mean_a, mean_b = a.mean_adapted(), b.mean_adapted()
+        assert_all_close(list(mean_a.values()), list(mean_b.values()), what="mean", **tol)
+        assert not any(t.requires_grad for t in mean_a.values())
+        return
+    va, ga = meta_grads(ours, model, batch, lr, schedule, objective, grad_mode, spec)
+    vb, gb = meta_grads(reference, model, batch, lr, schedule, objective, grad_mode, spec)
+    torch.testing.assert_close(va, vb, **tol)
+    assert_all_close(ga, gb, what=what, **tol)
+    for p, g in zip(wrt(model, lr), ga):  # every tensor (and learned rate) learns
+        if every_row:
+            rows = g.reshape(g.shape[0], -1) if g.dim() else g.reshape(1, 1)
+            assert bool((rows.abs().sum(1) > 0).all()), tuple(p.shape)
+        else:
+            assert g.abs().sum() > 0, tuple(p.shape)
+    if fd_rtol is not None:
+        params = wrt(model, lr)
+        gen = torch.Generator().manual_seed(7)
+        direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+
+        def value():
+            return run_objective(reference, model, batch, lr, schedule, objective, "none", spec)
+
+        fd = directional_fd(value, params, direction)
+        exact = float(sum((gi * d).sum() for gi, d in zip(ga, direction)))
+        assert abs(exact - fd) <= fd_rtol * max(1.0, abs(fd)), (exact, fd)

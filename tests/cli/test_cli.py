@@ -43,6 +43,22 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
+def sample_three(ckpt, sample_args, produced, tmp_path) -> subprocess.CompletedProcess:
+    """``reptile_gen.sample`` of three sequences from ``ckpt`` into ``tmp_path/sample``:
+    ``produced`` (``samples.txt``: three lines that start with the prompt ``Th``; an image
+    file: the three completed test images are reported) is written and not empty."""
+    out_dir = tmp_path / "sample"
+    sample = [f"ckpt_path={ckpt}", "num_samples=3", *sample_args, f"hydra.run.dir={out_dir}"]
+    proc = check(run_cli(["-m", "reptile_gen.sample", *sample], tmp_path))
+    assert (out_dir / produced).stat().st_size > 0
+    if produced == "samples.txt":
+        lines = (out_dir / produced).read_text(encoding="utf-8").splitlines()
+        assert len(lines) == 3 and all(line.startswith("Th") for line in lines)
+    else:
+        assert "completed 3 test images" in proc.stdout
+    return proc
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     return tmp_path_factory.mktemp("project")

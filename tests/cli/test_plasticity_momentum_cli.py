@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from conftest import TINY
-from test_cli import check, run_cli
+from test_cli import check, run_cli, sample_three
 
 from reptile_gen.inner_loop.core import unit_shape
 
@@ -61,12 +61,4 @@ def test_train_and_sample(tmp_path, args, sample_args, produced):
     assert rates[layer.replace(".", "__")].shape == (weights[layer].shape[0], 1)
     momentum = "inner_momentum=0.5" in " ".join(args)
     assert state["hyper_parameters"]["inner_momentum"] == (0.5 if momentum else 0.0)
-    out_dir = tmp_path / "sample"
-    sample = [f"ckpt_path={ckpt}", "num_samples=3", *sample_args, f"hydra.run.dir={out_dir}"]
-    proc = check(run_cli(["-m", "reptile_gen.sample", *sample], tmp_path))
-    assert (out_dir / produced).stat().st_size > 0
-    if produced == "samples.txt":
-        lines = (out_dir / produced).read_text(encoding="utf-8").splitlines()
-        assert len(lines) == 3 and all(line.startswith("Th") for line in lines)
-    else:
-        assert "completed 3 test images" in proc.stdout
+    sample_three(ckpt, sample_args, produced, tmp_path)

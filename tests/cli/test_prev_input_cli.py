@@ -8,7 +8,7 @@ import json
 
 import pytest
 from conftest import TINY
-from test_cli import check, run_cli
+from test_cli import check, run_cli, sample_three
 
 TWO_STEPS = [*TINY, "trainer.max_steps=2", "trainer.val_check_interval=2"]
 
@@ -33,16 +33,8 @@ def test_train_and_sample_with_the_previous_element_as_input(tmp_path, task, sam
     assert any(k.startswith("test/nll_bits_per_") for k in metrics)
     config = (run_dir / ".hydra" / "config.yaml").read_text()
     assert "prev_input: true" in config
-    out_dir = tmp_path / "sample"
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    sample = [f"ckpt_path={ckpt}", "num_samples=3", *sample_args, f"hydra.run.dir={out_dir}"]
-    proc = check(run_cli(["-m", "reptile_gen.sample", *sample], tmp_path))
-    assert (out_dir / produced).stat().st_size > 0
-    if produced == "samples.txt":
-        lines = (out_dir / produced).read_text(encoding="utf-8").splitlines()
-        assert len(lines) == 3 and all(line.startswith("Th") for line in lines)
-    else:
-        assert "completed 3 test images" in proc.stdout
+    sample_three(ckpt, sample_args, produced, tmp_path)
 
 
 @pytest.mark.parametrize(

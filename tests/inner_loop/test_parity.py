@@ -19,15 +19,12 @@ from helpers import (
     CLASSES,
     CONTINUOUS,
     ONLINE_2,
+    PARITY_MODES,
     QUERY_SCHEDULE,
-    assert_all_close,
-    directional_fd,
+    assert_matches_reference,
     make_batch,
     make_lr,
     make_model,
-    meta_grads,
-    run_objective,
-    wrt,
 )
 
 from reptile_gen.algorithms import MAML
@@ -58,13 +55,7 @@ BODIES = {
 OBJECTIVES = {"online": (ONLINE_2, None), "query": (QUERY_SCHEDULE, 4)}
 
 #: mode -> (grad_mode, the engine options it needs)
-MODES = {
-    "reptile": ("none", {}),
-    "first_order": ("first_order", {}),
-    "second_order": ("second_order", {}),
-    "checkpointed": ("second_order", {"checkpoint_segments": 2}),
-    "truncated": ("second_order", {"truncate_steps": 2}),
-}
+MODES = PARITY_MODES
 
 ENGINES = {
     "functional": lambda **o: make_engine("functional", **o),
@@ -109,44 +100,16 @@ def test_engine_matches_the_generic_path(engine, mode, body, kind, objective):
         pytest.skip(f"{engine} has no {mode} mode")
     grad_mode, options = MODES[mode]
     ours = ENGINES[engine](**options)
-    # checkpointing changes nothing in the gradient: the reference runs without it
-    reference = FunctionalEngine(path="vmap_grad", truncate_steps=options.get("truncate_steps"))
     schedule, query = OBJECTIVES[objective]
     spec, model, batch, lr = _setup(body, kind, query)
     tol = {"rtol": 1e-9, "atol": 1e-9} if body == "siren" else {"rtol": 1e-10, "atol": 1e-12}
-    if grad_mode == "none":
-        kw = {"return_adapted": True, "track_query": batch.has_query}
-        with torch.enable_grad():
-            a = ours.run(model, batch, spec.elementwise_loss, lr, schedule, "none", **kw)
-            b = reference.run(model, batch, spec.elementwise_loss, lr, schedule, "none", **kw)
-        for field in ("step_losses", "element_losses", "query_losses"):
-            x, y = getattr(a, field), getattr(b, field)
-            assert (x is None) == (y is None), field
-            if x is not None:
-                torch.testing.assert_close(x, y, **tol, msg=field)
-        mean_a, mean_b = a.mean_adapted(), b.mean_adapted()
-        assert_all_close(list(mean_a.values()), list(mean_b.values()), what="mean", **tol)
-        assert not any(t.requires_grad for t in mean_a.values())
-        return
-    va, ga = meta_grads(ours, model, batch, lr, schedule, objective, grad_mode, spec)
-    vb, gb = meta_grads(reference, model, batch, lr, schedule, objective, grad_mode, spec)
-    torch.testing.assert_close(va, vb, **tol)
-    assert_all_close(ga, gb, what=f"{engine} {mode} {body} {kind} {objective}", **tol)
-    # every parameter tensor and learned rate receives a meta-gradient
-    for p, g in zip(wrt(model, lr), ga):
-        assert g.abs().sum() > 0, tuple(p.shape)
-    # against finite differences (not Siren: its w0 = 30 curvature makes them inexact)
-    if mode in ("second_order", "checkpointed") and engine != "higher" and body != "siren":
-        params = wrt(model, lr)
-        g = torch.Generator().manual_seed(7)
-        direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
-
-        def value():
-            return run_objective(reference, model, batch, lr, schedule, objective, "none", spec)
-
-        fd = directional_fd(value, params, direction)
-        exact = float(sum((gi * d).sum() for gi, d in zip(ga, direction)))
-        assert abs(exact - fd) <= 1e-5 * max(1.0, abs(fd)), (exact, fd)
+    # against finite differences too (not Siren: its w0 = 30 curvature makes them inexact)
+    fd = mode in ("second_order", "checkpointed") and engine != "higher" and body != "siren"
+    assert_matches_reference(
+        ours, options, model, batch, lr, schedule, objective, grad_mode, spec,
+        what=f"{engine} {mode} {body} {kind} {objective}", tol=tol,
+        fd_rtol=1e-5 if fd else None,
+    )  # fmt: skip
 
 
 def test_every_output_kind_has_a_closed_form_loss():

@@ -16,9 +16,11 @@ from helpers import (
     CLASSES,
     CONTINUOUS,
     ONLINE_2,
+    PARITY_ENGINES,
     QUERY_SCHEDULE,
     assert_all_close,
     directional_fd,
+    jitter_rates,
     make_batch,
     make_model,
     meta_grads,
@@ -44,11 +46,7 @@ MODES = {
 }
 
 ENGINES = {
-    "functional": lambda **o: make_engine("functional", **o),
-    "functional_autograd_graph": lambda **o: FunctionalEngine(hand_backward=False, **o),
-    "functional_vmap": lambda **o: FunctionalEngine(path="vmap", **o),
-    "higher": lambda **o: make_engine("higher", **o),
-    "lowrank": lambda **o: make_engine("lowrank", **o),
+    **PARITY_ENGINES,
     "lowrank_fold_always": lambda **o: make_engine("lowrank", fold="always", **o),
     "lowrank_fold_never": lambda **o: make_engine("lowrank", fold="never", **o),
 }
@@ -58,11 +56,7 @@ def make_rates(model, learned, schedule="constant", buckets=None, horizon=3, see
     """Rates of ``model``'s tensors; learned ones jittered so that every entry differs."""
     shapes = [(n, p.shape) for n, p in model.named_parameters()]
     lr = InnerLR(shapes, 0.08, learned, schedule, 0.4, buckets, horizon).double()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lr.parameters():
-            p.mul_(1 + 0.6 * (torch.rand(p.shape, generator=g, dtype=p.dtype) - 0.5))
-    return lr
+    return jitter_rates(lr, seed)
 
 
 # ------------------------------------------------------------------------ fixed schedules

@@ -24,18 +24,18 @@ from helpers import (
     CLASSES,
     CONTINUOUS,
     ONLINE_2,
+    PARITY_ENGINES,
+    PARITY_MODES,
     QUERY_SCHEDULE,
     assert_all_close,
-    directional_fd,
+    assert_matches_reference,
+    jitter_rates,
     make_batch,
     make_model,
-    meta_grads,
-    run_objective,
-    wrt,
 )
 
 from reptile_gen.algorithms import MAML
-from reptile_gen.inner_loop import FunctionalEngine, InnerLR, make_engine
+from reptile_gen.inner_loop import InnerLR, make_engine
 from reptile_gen.inner_loop.core import check_momentum, momentum_step, unit_shape
 from reptile_gen.inner_loop.core.guard import describe_rates
 from reptile_gen.models import MLP, GatedMLP
@@ -52,31 +52,15 @@ OPTIONS = {
     "per_unit_momentum": ("per_unit", 0.5),
 }
 OBJECTIVES = {"online": (ONLINE_2, None), "query": (QUERY_SCHEDULE, 4)}
-MODES = {
-    "reptile": ("none", {}),
-    "first_order": ("first_order", {}),
-    "second_order": ("second_order", {}),
-    "checkpointed": ("second_order", {"checkpoint_segments": 2}),
-    "truncated": ("second_order", {"truncate_steps": 2}),
-}
-ENGINES = {
-    "functional": lambda **o: make_engine("functional", **o),
-    "functional_autograd_graph": lambda **o: FunctionalEngine(hand_backward=False, **o),
-    "functional_vmap": lambda **o: FunctionalEngine(path="vmap", **o),
-    "higher": lambda **o: make_engine("higher", **o),
-    "lowrank": lambda **o: make_engine("lowrank", **o),
-}
+MODES = PARITY_MODES
+ENGINES = PARITY_ENGINES
 
 
 def make_rates(model, learned: str, momentum: float, schedule="constant", seed=3) -> InnerLR:
     """Rates of ``model``'s tensors; learned ones jittered so that every entry differs."""
     shapes = [(n, p.shape) for n, p in model.named_parameters()]
     lr = InnerLR(shapes, 0.1, learned, schedule, 0.4, horizon=3, momentum=momentum).double()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lr.parameters():
-            p.mul_(1 + 0.6 * (torch.rand(p.shape, generator=g, dtype=p.dtype) - 0.5))
-    return lr
+    return jitter_rates(lr, seed)
 
 
 # --------------------------------------------------------------------------- the update
@@ -192,39 +176,12 @@ def test_engine_matches_the_generic_path(engine, mode, body, option, objective):
                 model, batch, spec.elementwise_loss, lr, schedule, grad_mode
             )
         return
-    ours = ENGINES[engine](**options)
-    reference = FunctionalEngine(path="vmap_grad", truncate_steps=options.get("truncate_steps"))
-    tol = {"rtol": 1e-10, "atol": 1e-12}
-    if grad_mode == "none":
-        kw = {"return_adapted": True, "track_query": batch.has_query}
-        with torch.enable_grad():
-            a = ours.run(model, batch, spec.elementwise_loss, lr, schedule, "none", **kw)
-            b = reference.run(model, batch, spec.elementwise_loss, lr, schedule, "none", **kw)
-        for field in ("step_losses", "element_losses", "query_losses"):
-            x, y = getattr(a, field), getattr(b, field)
-            assert (x is None) == (y is None), field
-            if x is not None:
-                torch.testing.assert_close(x, y, **tol, msg=field)
-        assert_all_close(list(a.adapted.values()), list(b.adapted.values()), what="adapted")
-        return
-    va, ga = meta_grads(ours, model, batch, lr, schedule, objective, grad_mode, spec)
-    vb, gb = meta_grads(reference, model, batch, lr, schedule, objective, grad_mode, spec)
-    torch.testing.assert_close(va, vb, **tol)
-    assert_all_close(ga, gb, what=f"{engine} {mode} {body} {option} {objective}", **tol)
-    for p, g in zip(wrt(model, lr), ga):  # every tensor and every unit's rate learns
-        rows = g.reshape(g.shape[0], -1) if g.dim() else g.reshape(1, 1)
-        assert bool((rows.abs().sum(1) > 0).all()), tuple(p.shape)
-    if mode in ("second_order", "checkpointed") and engine != "higher":
-        params = wrt(model, lr)
-        gen = torch.Generator().manual_seed(7)
-        direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
-
-        def value():
-            return run_objective(reference, model, batch, lr, schedule, objective, "none", spec)
-
-        fd = directional_fd(value, params, direction)
-        exact = float(sum((gi * d).sum() for gi, d in zip(ga, direction)))
-        assert abs(exact - fd) <= 1e-6 * max(1.0, abs(fd)), (exact, fd)
+    fd = mode in ("second_order", "checkpointed") and engine != "higher"
+    assert_matches_reference(
+        ENGINES[engine](**options), options, model, batch, lr, schedule, objective, grad_mode,
+        spec, what=f"{engine} {mode} {body} {option} {objective}", every_row=True,
+        fd_rtol=1e-6 if fd else None,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ refusals
