@@ -43,7 +43,7 @@ BASE = ("experiment=mnist_reptile", "logger=none")
 #: ``--quick``: the 8x8 digits task and a small MLP (seconds), for the benchmark tests
 QUICK = ("task=digits", "model=mlp", "model.body.hidden_sizes=[16,16]", "algorithm=reptile")
 #: the sampling paths (``OnlineSampler(path=...)``)
-PATHS = ("weights",)
+PATHS = ("weights", "lowrank")
 
 
 def _load() -> list[float] | None:
@@ -66,7 +66,7 @@ def build(overrides: list[str]):
 def make_sampler(module, path: str):
     from reptile_gen.sampling import OnlineSampler
 
-    return OnlineSampler(module)
+    return OnlineSampler(module, path=path)
 
 
 def time_sampling(overrides, path: str, num_samples: int, pixels: int, seed: int) -> dict:
