@@ -158,9 +158,7 @@ def main(argv=None) -> dict:
     if "sample" in what:
         for path in args.paths.split(","):
             sample_overrides = [*overrides, "engine=lowrank"]
-            entry = time_sampling(
-                sample_overrides, path, args.num_samples, args.pixels, args.seed
-            )
+            entry = time_sampling(sample_overrides, path, args.num_samples, args.pixels, args.seed)
             print(json.dumps(entry), flush=True)
             entries.append(entry)
     if "score" in what:

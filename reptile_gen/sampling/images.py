@@ -176,9 +176,7 @@ def complete_images(
         bits_known.append(bits[i, k_idx])
         coords_unknown.append(coords[u_idx])
         unknown_index.append(u_idx)
-    drawn = complete(
-        module, coords_known, bits_known, coords_unknown, temperature, generator, path
-    )
+    drawn = complete(module, coords_known, bits_known, coords_unknown, temperature, generator, path)
     out = bits.clone().to(drawn[0].dtype if drawn else bits.dtype)
     for i in range(n):
         out[i, unknown_index[i]] = drawn[i].to(out.dtype)

@@ -78,7 +78,9 @@ def module_of(tmp_path, overrides):
 
 
 def both(module, temperature=1.0):
-    return OnlineSampler(module, temperature, "weights"), OnlineSampler(module, temperature, "lowrank")
+    return OnlineSampler(module, temperature, "weights"), OnlineSampler(
+        module, temperature, "lowrank"
+    )
 
 
 def assert_same_results(a, b):
@@ -105,9 +107,7 @@ def test_lowrank_path_draws_what_the_weights_path_draws(tmp_path, case):
     fed = [s.feed(coords, batch.support_y, batch.support_mask) for s in (weights, lowrank)]
     assert_same_results(*fed)
     for result in fed:
-        torch.testing.assert_close(
-            result.element_losses(spec), expected, rtol=1e-10, atol=1e-12
-        )
+        torch.testing.assert_close(result.element_losses(spec), expected, rtol=1e-10, atol=1e-12)
     for name, p in fed[0].params.items():  # the adapted parameters, made on use
         torch.testing.assert_close(fed[1].params[name], p, rtol=1e-9, atol=1e-11)
 
