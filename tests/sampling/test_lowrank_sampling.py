@@ -10,7 +10,9 @@ import pytest
 import torch
 from conftest import compose_config
 
+from reptile_gen.data.task_batch import TaskBatch
 from reptile_gen.data.text import END_TOKEN
+from reptile_gen.inner_loop.lowrank.online import OnlineRun
 from reptile_gen.sampling import (
     OnlineSampler,
     SamplingError,
@@ -152,6 +154,23 @@ def test_lowrank_path_folds_long_histories(tmp_path):
     assert_same_results(*runs)
     images = generate_images(module, 3, 1.0, torch.Generator().manual_seed(0), path="lowrank")
     assert torch.equal(images.reshape(3, -1), runs[0].y)
+    # the engine's online run the path steps: it folded, and teacher-forced it gives the
+    # engine's own online losses
+    state = OnlineRun(
+        module.engine, module.model, x, module.loss_fn, module.inner_lr, module.train_schedule
+    )
+    y, mask = runs[0].y, torch.ones(3, 64, dtype=torch.bool)
+    losses = torch.cat(
+        [state.step(i, x[:, i : i + 1], y[:, i : i + 1], mask[:, :1]) for i in range(64)], 1
+    )
+    assert state.num_steps == 64 and state.folds > 0
+    torch.testing.assert_close(
+        losses, runs[0].element_losses(module.task_spec), rtol=1e-10, atol=1e-12
+    )
+    batch = TaskBatch(support_x=x, support_y=y)
+    with torch.enable_grad():
+        expected = module.adapt(batch, "none", module.eval_schedule).element_losses
+    torch.testing.assert_close(losses, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_auto_path_and_refusals(tmp_path):
