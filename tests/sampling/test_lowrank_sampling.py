@@ -200,3 +200,14 @@ def test_auto_path_and_refusals(tmp_path):
     x = torch.zeros(2, 3, 2, dtype=torch.long)
     with pytest.raises(SamplingError, match="path='weights'"):
         sampler.run(x, params=OnlineSampler(module, path="weights").initial_params(2))
+
+
+def test_a_diverging_lowrank_sample_stops_with_the_element_and_samples(tmp_path):
+    from reptile_gen.inner_loop.core.guard import Diverged
+
+    _, module = module_of(tmp_path, [*DIGITS, *MLP])
+    with torch.no_grad():
+        module.inner_lr.init = 1e200  # float64: overflows after a step or two
+    x = torch.cartesian_prod(torch.arange(8), torch.arange(8)).expand(3, -1, -1)
+    with pytest.raises(Diverged, match=r"non-finite prediction while sampling; at element \d+"):
+        OnlineSampler(module, path="lowrank").run(x, generator=torch.Generator().manual_seed(0))
