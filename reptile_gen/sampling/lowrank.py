@@ -35,14 +35,15 @@ class _Adapted(Mapping):
     """The samples' adapted parameters, made (dense) on first use only: generation does
     not read them, and they cost a weight copy per sample."""
 
-    def __init__(self, state: OnlineRun) -> None:
-        self._state = state
+    def __init__(self, states: list[OnlineRun]) -> None:
+        self._states = states
         self._params: dict[str, torch.Tensor] | None = None
 
     def _get(self) -> dict[str, torch.Tensor]:
         if self._params is None:
-            self._params = {k: v.detach() for k, v in self._state.adapted().items()}
-            self._state = None
+            parts = [state.adapted() for state in self._states]
+            self._params = {k: torch.cat([p[k] for p in parts]).detach() for k in parts[0]}
+            self._states = []
         return self._params
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -58,15 +59,34 @@ class _Adapted(Mapping):
 def run_lowrank(sampler, x, y, known, mask, noise, stop_token, prev):
     """:meth:`OnlineSampler.run` on the low-rank path, from the initial parameters, with
     its prepared ``[N, S, ...]`` tensors; returns ``(y, mask, logits, params)`` as its
-    :class:`SequenceResult` holds them."""
-    module, spec = sampler.module, sampler.spec
-    n, s = x.shape[:2]
+    :class:`SequenceResult` holds them. The samples run in chunks of the module's
+    ``engine.chunk_size`` (all at once by default), which bounds the history's memory."""
+    module = sampler.module
+    n = x.shape[0]
     engine = module.engine if isinstance(module.engine, LowRankEngine) else LowRankEngine()
     last = (
         torch.full((n,), sampler.start_target, dtype=torch.long, device=sampler.device)
         if prev is None
         else prev.to(sampler.device).long().reshape(n)
     )
+    size = engine.chunk_size or n
+    parts = [
+        _run_chunk(
+            sampler,
+            engine,
+            *(t[i : i + size] for t in (x, y, known, mask, noise, last)),
+            stop_token,
+        )
+        for i in range(0, n, size)
+    ]
+    out_y, out_mask, out_logits = (torch.cat([p[k] for p in parts]) for k in range(3))
+    return out_y, out_mask, out_logits, _Adapted([p[3] for p in parts])
+
+
+def _run_chunk(sampler, engine, x, y, known, mask, noise, last, stop_token):
+    """The low-rank loop over the samples of one chunk (see :func:`run_lowrank`)."""
+    module, spec = sampler.module, sampler.spec
+    n, s = x.shape[:2]
     inputs = x
     if spec.prev_input:
         # the previous target goes in as each step is taken; this shape serves discovery
@@ -113,4 +133,4 @@ def run_lowrank(sampler, x, y, known, mask, noise, stop_token, prev):
             alive = alive & ~((ys == stop_token) & ms).any(1)
             if not alive.any():
                 break
-    return out_y[:, :s], out_mask[:, :s], out_logits[:, :s], _Adapted(state)
+    return out_y[:, :s], out_mask[:, :s], out_logits[:, :s], state

@@ -33,6 +33,7 @@ GATED = ["model=gated_mlp", "model.body.hidden_sizes=[12,12]", "model.embedding_
 
 CASES = {
     "digits-mlp": [*DIGITS, *MLP],
+    "digits-mlp-chunks-of-2": [*DIGITS, *MLP, "engine.chunk_size=2"],
     "digits-gated-per_tensor": [*DIGITS, *GATED, "algorithm.inner_lr_learned=per_tensor"],
     "digits-mlp-batch3-per_step-list": [
         *DIGITS,
