@@ -12,9 +12,11 @@ with on ``engine=lowrank``. The draws use the same noise as the ``weights`` path
 seed gives the same samples on both (tested in float64).
 
 Limits (:func:`~reptile_gen.sampling.checks.sampling_path` refuses them with the
-alternative): ``per_parameter`` learned rates (they do not factor out of the low-rank
-update), and ``task.prev_input`` with ``inner_batch_size > 1`` (the draws within a step
-would each need their own forward pass).
+alternative, and ``auto`` takes ``weights``): ``per_parameter`` learned rates (they do not
+factor out of the low-rank update), and ``task.prev_input`` with ``inner_batch_size > 1``
+(the draws within a step would each need their own forward pass); a model whose linear or
+embedding layer runs twice in a forward pass is a :class:`SamplingError` when the run
+starts.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from reptile_gen.inner_loop.core.guard import check_sampled_predictions
 from reptile_gen.inner_loop.lowrank import LowRankEngine
 from reptile_gen.inner_loop.lowrank.online import OnlineRun
 from reptile_gen.inner_loop.lowrank.state import pad_to
+from reptile_gen.sampling.checks import SamplingError
 
 __all__ = ["run_lowrank"]
 
@@ -91,9 +94,12 @@ def _run_chunk(sampler, engine, x, y, known, mask, noise, last, stop_token):
     if spec.prev_input:
         # the previous target goes in as each step is taken; this shape serves discovery
         inputs = spec.with_previous(x, torch.full((n, s), sampler.start_target, device=x.device))
-    state = OnlineRun(
-        engine, sampler.model, inputs, module.loss_fn, module.inner_lr, module.train_schedule
-    )
+    try:
+        state = OnlineRun(
+            engine, sampler.model, inputs, module.loss_fn, module.inner_lr, module.train_schedule
+        )
+    except RuntimeError as error:  # a model the low-rank form cannot hold (a layer run twice)
+        raise SamplingError(f"path=lowrank: {error}; sample it with path=weights") from error
     width = state.width
     padded = max(state.num_steps * width, s)
     # a short last step is filled up with masked elements, as in the engine

@@ -83,16 +83,19 @@ class OnlineSampler:
         path: how the samples' inner loops are held: ``weights`` (per-sample weight
             copies, this class's :meth:`step`), ``lowrank`` (shared initial weights plus
             each sample's rank-one update history, the low-rank engine's step:
-            :mod:`reptile_gen.sampling.lowrank`) or ``auto`` (``lowrank`` for a module
-            trained with ``engine=lowrank``, ``weights`` otherwise). Both give the same
+            :mod:`reptile_gen.sampling.lowrank`) or ``auto`` (``lowrank`` wherever it
+            can replay the module, see :func:`~reptile_gen.sampling.checks.sampling_path`;
+            ``weights`` for a run continued from given ``params``). Both give the same
             samples (the same dynamics, the same draws).
     """
 
     def __init__(self, module, temperature: float = 1.0, path: str = "auto") -> None:
         check_sampleable(module)
         self.temperature = check_temperature(temperature)
-        #: ``weights`` or ``lowrank``, the path :meth:`run` takes (see ``sampling_path``)
+        #: ``weights`` or ``lowrank``, the path :meth:`run` takes (see ``sampling_path``;
+        #: with ``auto``, a run continued from given parameters takes ``weights``)
         self.path = sampling_path(module, path)
+        self.requested_path = path
         self.module = module
         self.model: nn.Module = module.model
         self.spec = module.task_spec
@@ -245,7 +248,7 @@ class OnlineSampler:
         )
         noise = torch.rand(n, s, self.num_outputs, generator=generator, dtype=self.dtype)
         noise = noise.to(self.device)
-        if self.path == "lowrank":
+        if self.path == "lowrank" and (params is None or self.requested_path == "lowrank"):
             if params is not None:
                 raise SamplingError(
                     "OnlineSampler.run(params=...): the lowrank path starts from the "
@@ -253,7 +256,7 @@ class OnlineSampler:
                     "OnlineSampler(module, path='weights')"
                 )
             return SequenceResult(*run_lowrank(self, x, y, known, mask, noise, stop_token, prev))
-        params = self.initial_params(n) if params is None else params
+        params = self.initial_params(n) if params is None else dict(params)
         out_y = torch.zeros_like(y)
         out_mask = torch.zeros_like(mask)
         out_logits = torch.zeros(n, s, self.num_outputs, dtype=self.dtype, device=self.device)

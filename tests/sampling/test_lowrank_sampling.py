@@ -175,10 +175,10 @@ def test_lowrank_path_folds_long_histories(tmp_path):
 
 
 def test_auto_path_and_refusals(tmp_path):
-    # a module trained on another engine samples on the weights path unless asked
+    # a module trained on another engine samples on the lowrank path too (same samples)
     _, functional = module_of(tmp_path, [*DIGITS, *MLP, "engine=functional"])
-    assert sampling_path(functional) == "weights"
-    assert OnlineSampler(functional, path="lowrank").path == "lowrank"
+    assert sampling_path(functional) == "lowrank"
+    assert OnlineSampler(functional, path="weights").path == "weights"
     with pytest.raises(SamplingError, match="path='dense'; allowed: auto, weights, lowrank"):
         OnlineSampler(functional, path="dense")
     # per-parameter rates do not factor out of the low-rank update: auto takes weights
@@ -195,12 +195,19 @@ def test_auto_path_and_refusals(tmp_path):
     assert OnlineSampler(batched).path == "weights"
     with pytest.raises(SamplingError, match="inner_batch_size=4 each draw.*path=weights"):
         OnlineSampler(batched, path="lowrank")
-    # the lowrank path starts from the initial parameters
+    # the lowrank path starts from the initial parameters; auto continues on weights
     _, module = module_of(tmp_path, [*DIGITS, *MLP])
-    sampler = OnlineSampler(module)
     x = torch.zeros(2, 3, 2, dtype=torch.long)
+    fed = OnlineSampler(module).feed(x, torch.ones(2, 3))
     with pytest.raises(SamplingError, match="path='weights'"):
-        sampler.run(x, params=OnlineSampler(module, path="weights").initial_params(2))
+        OnlineSampler(module, path="lowrank").run(x, params=fed.params)
+    rest = [
+        OnlineSampler(module, path=p).run(
+            x, params=fed.params, generator=torch.Generator().manual_seed(0)
+        )
+        for p in ("auto", "weights")
+    ]
+    assert_same_results(*rest)
 
 
 def test_a_diverging_lowrank_sample_stops_with_the_element_and_samples(tmp_path):
