@@ -19,7 +19,8 @@ which prefix was timed). Scoring times ``--score-batches`` test batches (of
 
 JSON (strict: no NaN) to ``benchmarks/results/sampling-<time>.json`` or ``--out``: the
 settings, the machine (threads, load average before and after), and one entry per
-measurement. ``--quick``: a tiny digits run, for the tests.
+measurement, with wall-clock ``seconds`` and this process's CPU time ``cpu_seconds`` (on a
+shared machine a niced process waits for a core: its CPU time is the steadier figure). ``--quick``: a tiny digits run, for the tests.
 """
 
 from __future__ import annotations
@@ -78,10 +79,10 @@ def time_sampling(overrides, path: str, num_samples: int, pixels: int, seed: int
     order = datamodule.order_for(num_samples, generator)[:, :pixels]
     coords = datamodule.coords[order]
     sampler = make_sampler(module, path)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
         result = sampler.run(coords, generator=generator)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {
         "what": "sample",
         "path": path,
@@ -90,7 +91,9 @@ def time_sampling(overrides, path: str, num_samples: int, pixels: int, seed: int
         "pixels": pixels,
         "pixels_per_image": hw,
         "seconds": seconds,
+        "cpu_seconds": cpu,
         "extrapolated_s": seconds * hw / pixels,
+        "extrapolated_cpu_s": cpu * hw / pixels,
         "drawn_on_fraction": float(result.y.float().mean()),
         "peak_rss_mb": rss_mb()["peak"],
     }
@@ -107,11 +110,11 @@ def time_scoring(overrides, engine: str, batches: int | None, pixels: int, image
     pixels = min(pixels, hw)
     scored = sum(b.num_tasks for b in test)
     nll = 0.0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for batch in test:
         part = batch.map(lambda t: t[:, :pixels] if t.dim() > 1 else t)
         nll += float(module.evaluate_batch(part)[:, 0].sum())
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {
         "what": "score",
         "engine": engine,
@@ -119,7 +122,9 @@ def time_scoring(overrides, engine: str, batches: int | None, pixels: int, image
         "pixels": pixels,
         "pixels_per_image": hw,
         "seconds": seconds,
+        "cpu_seconds": cpu,
         "extrapolated_s": seconds * (hw / pixels) * (images / scored),
+        "extrapolated_cpu_s": cpu * (hw / pixels) * (images / scored),
         "extrapolated_to_images": images,
         "nll_nats_per_image_prefix": nll / scored,
         "peak_rss_mb": rss_mb()["peak"],
