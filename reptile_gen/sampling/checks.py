@@ -129,7 +129,7 @@ def sampling_path(module, path: str = "auto") -> str:
 
     ``auto`` is ``lowrank`` wherever the low-rank path can replay the module's inner loop,
     whatever engine trained it: both paths give the same samples, and the low-rank one is
-    faster (3x on the digits MLP, ~9x on 784-pixel MNIST with the original's model:
+    faster (3x on the digits MLP, ~5x on 784-pixel MNIST with the original's model:
     docs/benchmarks.md); ``weights`` otherwise. ``lowrank`` that the module cannot take is
     a clear :class:`SamplingError` naming ``path=weights``.
     """
