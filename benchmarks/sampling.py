@@ -20,7 +20,9 @@ which prefix was timed). Scoring times ``--score-batches`` test batches (of
 JSON (strict: no NaN) to ``benchmarks/results/sampling-<time>.json`` or ``--out``: the
 settings, the machine (threads, load average before and after), and one entry per
 measurement, with wall-clock ``seconds`` and this process's CPU time ``cpu_seconds`` (on a
-shared machine a niced process waits for a core: its CPU time is the steadier figure). ``--quick``: a tiny digits run, for the tests.
+shared machine a niced process waits for a core: its CPU time is the steadier figure);
+``peak_rss_mb`` is the process's peak so far (run one entry per process to compare
+memory). ``--quick``: a tiny digits run, for the tests.
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ class OnlineRun:
 
     @property
     def num_steps(self) -> int:
+        """Inner steps of the whole sequence (one per ``inner_batch_size`` elements)."""
         return self.run.num_steps
 
     @property
