@@ -1,6 +1,6 @@
 """Draw samples from a checkpoint: ``python -m reptile_gen.sample ckpt_path=<file>
 [num_samples=16] [temperature=1.0] [seed=0] [prompt=...] [complete=top_half|left_half|random]
-[overrides]`` (console script ``reptile-gen-sample``).
+[path=auto|weights|lowrank] [overrides]`` (console script ``reptile-gen-sample``).
 
 The checkpoint's model is rebuilt with the config saved by the run that wrote it, the
 command-line overrides on top (exactly as ``python -m reptile_gen.eval`` does), and its
@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 USAGE = (
     "python -m reptile_gen.sample ckpt_path=<run dir>/checkpoints/last.ckpt "
-    "[num_samples=16] [temperature=1.0] [seed=0] [prompt=...] [complete=top_half]"
+    "[num_samples=16] [temperature=1.0] [seed=0] [prompt=...] [complete=top_half] "
+    "[path=auto|weights|lowrank]"
 )
 
 
@@ -45,6 +46,7 @@ def check_options(cfg: DictConfig) -> dict:
     """The sampling options of the sample app's config, checked (clear errors)."""
     from reptile_gen.sampling import (
         COMPLETE_KINDS,
+        SAMPLING_PATHS,
         SamplingError,
         check_num_samples,
         check_temperature,
@@ -68,6 +70,12 @@ def check_options(cfg: DictConfig) -> dict:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise SamplingError(f"seed={seed!r}; must be an integer")
     prompt = cfg.get("prompt")
+    path = cfg.get("path", "auto")
+    if path not in SAMPLING_PATHS:
+        raise SamplingError(
+            f"path={path!r}; allowed: {', '.join(SAMPLING_PATHS)} (how the samples' inner "
+            "loops are held)"
+        )
     return {
         "num_samples": check_num_samples(cfg.get("num_samples", 16)),
         "temperature": check_temperature(cfg.get("temperature", 1.0)),
@@ -76,6 +84,7 @@ def check_options(cfg: DictConfig) -> dict:
         "complete": complete,
         "complete_fraction": float(fraction),
         "device": str(cfg.get("device") or "cpu"),
+        "path": path,
     }
 
 
@@ -84,7 +93,12 @@ def _sample_text(module, options: dict, generator, out_dir: Path) -> dict:
     from reptile_gen.sampling import generate_text
 
     texts = generate_text(
-        module, options["num_samples"], options["temperature"], generator, options["prompt"]
+        module,
+        options["num_samples"],
+        options["temperature"],
+        generator,
+        options["prompt"],
+        options["path"],
     )
     path = write_text_samples(texts, out_dir / "samples.txt")
     for text in path.read_text(encoding="utf-8").splitlines():
@@ -105,7 +119,9 @@ def _sample_images(module, datamodule, options: dict, generator, out_dir: Path) 
     side = datamodule.resolution
     if options["complete"] is None:
         order = datamodule.order_for(n, generator)
-        images = generate_images(module, n, options["temperature"], generator, order)
+        images = generate_images(
+            module, n, options["temperature"], generator, order, options["path"]
+        )
         path = save_image_grid(images, out_dir / "samples.png")
         print(f"{n} images ({side}x{side}, {datamodule.pixel_order} pixel order): {path}")
         return {"images": images, "files": [path]}
@@ -121,7 +137,9 @@ def _sample_images(module, datamodule, options: dict, generator, out_dir: Path) 
         options["complete"], n, side, side, options["complete_fraction"], generator
     )
     order = datamodule.order_for(n, generator)
-    completed = complete_images(module, originals, known, options["temperature"], generator, order)
+    completed = complete_images(
+        module, originals, known, options["temperature"], generator, order, options["path"]
+    )
     path = save_completion_figure(originals, known, completed, out_dir / "completion.png")
     unknown = ~known
     agree = (completed[unknown] == originals[unknown].to(completed.dtype)).float()
@@ -151,13 +169,14 @@ def sample(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     check_config(eff)
     import torch
 
-    from reptile_gen.sampling import SamplingError, check_sampleable
+    from reptile_gen.sampling import SamplingError, check_sampleable, sampling_path
     from reptile_gen.utils.instantiate import build_run
 
     out_dir = Path(eff.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     datamodule, module = build_run(eff)
     check_sampleable(module)
+    sampling_path(module, options["path"])  # a path the module cannot take: an error now
     check_checkpoint_matches(checkpoint, module, ckpt_path, run_cfg_path)
     module.load_state_dict(checkpoint["state_dict"])
     del checkpoint

@@ -6,11 +6,14 @@ step) on the elements before it, starting from the meta-learned initial paramete
 Conditioning is the same loop with some elements given instead of drawn: a text prompt
 (the first positions), or the known pixels of an image.
 
-* :mod:`~reptile_gen.sampling.online`: :class:`OnlineSampler`, the replayed inner loop;
+* :mod:`~reptile_gen.sampling.online`: :class:`OnlineSampler`, the replayed inner loop
+  (per-sample weight copies, or the low-rank engine's form:
+  :mod:`~reptile_gen.sampling.lowrank`);
 * :mod:`~reptile_gen.sampling.text`: text generation (``task.kind == "text"``);
 * :mod:`~reptile_gen.sampling.images`: image generation and completion
   (``task.kind == "image"``);
-* :mod:`~reptile_gen.sampling.checks`: what can be sampled, :class:`SamplingError`.
+* :mod:`~reptile_gen.sampling.checks`: what can be sampled, :class:`SamplingError`, and
+  which path (:func:`sampling_path`).
 
 Only plain SGD inner loops are replayed: a checkpoint trained with another inner
 optimizer (``engine=higher`` with Adam, momentum, ...) is a clear error.
@@ -20,10 +23,12 @@ Files (sample grids, ``samples.txt``) are written by :mod:`reptile_gen.reports`.
 from __future__ import annotations
 
 from reptile_gen.sampling.checks import (
+    SAMPLING_PATHS,
     SamplingError,
     check_num_samples,
     check_sampleable,
     check_temperature,
+    sampling_path,
 )
 from reptile_gen.sampling.images import (
     COMPLETE_KINDS,
@@ -38,6 +43,7 @@ from reptile_gen.sampling.text import decode_text, encode_prompt, generate_text
 __all__ = [
     "COMPLETE_KINDS",
     "OnlineSampler",
+    "SAMPLING_PATHS",
     "SamplingError",
     "SequenceResult",
     "check_num_samples",
@@ -50,4 +56,5 @@ __all__ = [
     "encode_prompt",
     "generate_images",
     "generate_text",
+    "sampling_path",
 ]

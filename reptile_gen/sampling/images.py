@@ -38,11 +38,13 @@ def generate_images(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
     order: torch.Tensor | None = None,
+    path: str = "auto",
 ) -> torch.Tensor:
     """``[N, H, W]`` binary images drawn pixel by pixel in ``order`` (``[N, HW]`` raster
-    indices, e.g. the datamodule's ``order_for``; default: raster order)."""
+    indices, e.g. the datamodule's ``order_for``; default: raster order); ``path``: the
+    sampler's (:class:`OnlineSampler`)."""
     num_samples = check_num_samples(num_samples)
-    sampler = OnlineSampler(module, temperature)
+    sampler = OnlineSampler(module, temperature, path)
     height, width = _image_side(module)
     hw = height * width
     order = torch.arange(hw).expand(num_samples, -1) if order is None else order.cpu()
@@ -64,6 +66,7 @@ def complete(
     coords_unknown,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    path: str = "auto",
 ):
     """Complete images from some known pixels, any subset in any order, no retraining.
 
@@ -75,12 +78,13 @@ def complete(
             ``[K_n, 2]`` (a different number per sample).
         bits_known: ``[N, K]`` their bits (or a list of ``[K_n]``).
         coords_unknown: ``[N, U, 2]`` the pixels to draw (or a list of ``[U_n, 2]``).
+        path: the sampler's (:class:`OnlineSampler`).
 
     Returns:
         the drawn bits of the unknown pixels: ``[N, U]``, or a list of ``[U_n]`` when
         lists were given.
     """
-    sampler = OnlineSampler(module, temperature)
+    sampler = OnlineSampler(module, temperature, path)
     _image_side(module)
     as_tensors = torch.is_tensor(coords_known) and torch.is_tensor(coords_unknown)
     ck, bk, cu = _as_list(coords_known), _as_list(bits_known), _as_list(coords_unknown)
@@ -151,11 +155,13 @@ def complete_images(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
     order: torch.Tensor | None = None,
+    path: str = "auto",
 ) -> torch.Tensor:
     """``[N, H, W]`` completions of binary ``images [N, H, W]`` from their ``known``
     pixels (``[N, H, W]`` bool): the known ones are fed first in ``order`` (``[N, HW]``
     raster indices, the task's pixel order; default raster) restricted to the known set,
-    then the rest are drawn in that order. Known pixels are kept exactly."""
+    then the rest are drawn in that order. Known pixels are kept exactly. ``path``: the
+    sampler's (:class:`OnlineSampler`)."""
     height, width = _image_side(module)
     n, hw = images.shape[0], height * width
     bits = images.reshape(n, hw).cpu()
@@ -170,7 +176,7 @@ def complete_images(
         bits_known.append(bits[i, k_idx])
         coords_unknown.append(coords[u_idx])
         unknown_index.append(u_idx)
-    drawn = complete(module, coords_known, bits_known, coords_unknown, temperature, generator)
+    drawn = complete(module, coords_known, bits_known, coords_unknown, temperature, generator, path)
     out = bits.clone().to(drawn[0].dtype if drawn else bits.dtype)
     for i in range(n):
         out[i, unknown_index[i]] = drawn[i].to(out.dtype)

@@ -24,6 +24,7 @@ loss is then the engine's, on the same inputs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -34,7 +35,13 @@ from torch.func import functional_call, grad, vmap
 from reptile_gen.inner_loop import masked_mean
 from reptile_gen.inner_loop.core import momentum_update, sgd_update
 from reptile_gen.inner_loop.core.guard import check_sampled_predictions
-from reptile_gen.sampling.checks import SamplingError, check_sampleable, check_temperature
+from reptile_gen.sampling.checks import (
+    SamplingError,
+    check_sampleable,
+    check_temperature,
+    sampling_path,
+)
+from reptile_gen.sampling.lowrank import run_lowrank
 
 __all__ = ["OnlineSampler", "SequenceResult"]
 
@@ -49,7 +56,8 @@ class SequenceResult:
         mask: ``[N, S]`` bool, the elements the model stepped on (an end token included).
         logits: ``[N, S, C]`` each element's prediction before the model trained on it
             (C = 256 classes for text, 1 logit for bits); 0 where ``mask`` is False.
-        params: the adapted parameters ``{name: [N, ...]}`` after the sequence.
+        params: the adapted parameters ``{name: [N, ...]}`` after the sequence (a mapping;
+            on the ``lowrank`` path made on first use).
         velocity: with inner momentum, their velocities ``{name: [N, ...]}`` (what a
             continued run starts from with the params); None for plain SGD.
     """
@@ -57,7 +65,7 @@ class SequenceResult:
     y: torch.Tensor
     mask: torch.Tensor
     logits: torch.Tensor
-    params: dict[str, torch.Tensor]
+    params: Mapping[str, torch.Tensor]
     velocity: dict[str, torch.Tensor] | None = None
 
     def element_losses(self, spec) -> torch.Tensor:
@@ -77,11 +85,22 @@ class OnlineSampler:
         temperature: > 0; the draw is from ``softmax(logits / temperature)`` (bits:
             ``Bernoulli(sigmoid(logit / temperature))``). The SGD step always uses the
             model's own loss on the drawn element, as in training.
+        path: how the samples' inner loops are held: ``weights`` (per-sample weight
+            copies, this class's :meth:`step`), ``lowrank`` (shared initial weights plus
+            each sample's rank-one update history, the low-rank engine's step:
+            :mod:`reptile_gen.sampling.lowrank`) or ``auto`` (``lowrank`` wherever it
+            can replay the module, see :func:`~reptile_gen.sampling.checks.sampling_path`;
+            ``weights`` for a run continued from given ``params``). Both give the same
+            samples (the same dynamics, the same draws).
     """
 
-    def __init__(self, module, temperature: float = 1.0) -> None:
+    def __init__(self, module, temperature: float = 1.0, path: str = "auto") -> None:
         check_sampleable(module)
         self.temperature = check_temperature(temperature)
+        #: ``weights`` or ``lowrank``, the path :meth:`run` takes (see ``sampling_path``;
+        #: with ``auto``, a run continued from given parameters takes ``weights``)
+        self.path = sampling_path(module, path)
+        self.requested_path = path
         self.module = module
         self.model: nn.Module = module.model
         self.spec = module.task_spec
@@ -98,15 +117,18 @@ class OnlineSampler:
         self.device, self.dtype = first.device, first.dtype
         self.num_outputs = self.spec.head_features
         self.target_dtype = torch.long if self.spec.output_kind == "classes" else self.dtype
-        self._start = self.spec.start_token if self.spec.prev_input else 0
+        #: the target before a sequence's first element (``prev_input``: the start token)
+        self.start_target = self.spec.start_token if self.spec.prev_input else 0
 
     # ------------------------------------------------------------------ one step
     def initial_params(self, num_samples: int) -> dict[str, torch.Tensor]:
         """The meta-learned initial parameters for ``num_samples`` samples (views)."""
         return {n: p.expand(num_samples, *p.shape) for n, p in self.theta.items()}
 
-    def _draw(self, logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Draw from ``logits [k, C]`` with uniform ``noise [k, C]`` at the temperature."""
+    def draw(self, logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Draw from ``logits [..., C]`` with uniform ``noise [..., C]`` at the
+        temperature: ``[...]`` targets (the Gumbel-max trick for classes, a threshold
+        on the bit's probability for bits)."""
         scaled = logits / self.temperature
         if self.spec.output_kind == "classes":
             tiny = torch.finfo(noise.dtype).tiny
@@ -123,7 +145,7 @@ class OnlineSampler:
         last, prevs = prev.long(), [prev.long()]
         for j in range(x.shape[0] - 1):
             raw = self._forward(p, self.spec.with_previous(x[j : j + 1], last.reshape(1)))
-            drawn = self._draw(raw.reshape(1, self.num_outputs).detach(), noise[j : j + 1])
+            drawn = self.draw(raw.reshape(1, self.num_outputs).detach(), noise[j : j + 1])
             last = torch.where(known[j], y[j], drawn[0].to(y.dtype)).long()
             prevs.append(last)
         return torch.stack(prevs)
@@ -141,7 +163,7 @@ class OnlineSampler:
                 inputs = self.spec.with_previous(x, prevs)
             raw = self._forward(p, inputs)
             logits = raw.reshape(x.shape[0], self.num_outputs)
-            drawn = self._draw(logits.detach(), noise)
+            drawn = self.draw(logits.detach(), noise)
             target = torch.where(known, y, drawn.to(y.dtype))
             if prevs is not None:
                 # the elements' targets as drawn in order (the inputs were built from them)
@@ -198,7 +220,7 @@ class OnlineSampler:
         rates = self.rates if rates is None else rates
         fn = partial(self._one_step, stop_token=stop_token, rates=rates)
         if prev is None:
-            prev = torch.full(y.shape[:1], self._start, dtype=torch.long, device=y.device)
+            prev = torch.full(y.shape[:1], self.start_target, dtype=torch.long, device=y.device)
         if not self.momentum:
             velocity = {}
         elif velocity is None:
@@ -262,13 +284,21 @@ class OnlineSampler:
         )
         noise = torch.rand(n, s, self.num_outputs, generator=generator, dtype=self.dtype)
         noise = noise.to(self.device)
-        params = self.initial_params(n) if params is None else params
+        if self.path == "lowrank" and (params is None or self.requested_path == "lowrank"):
+            if params is not None:
+                raise SamplingError(
+                    "OnlineSampler.run(params=...): the lowrank path starts from the "
+                    "module's initial parameters; to continue from adapted parameters use "
+                    "OnlineSampler(module, path='weights')"
+                )
+            return SequenceResult(*run_lowrank(self, x, y, known, mask, noise, stop_token, prev))
+        params = self.initial_params(n) if params is None else dict(params)
         out_y = torch.zeros_like(y)
         out_mask = torch.zeros_like(mask)
         out_logits = torch.zeros(n, s, self.num_outputs, dtype=self.dtype, device=self.device)
         alive = torch.ones(n, dtype=torch.bool, device=self.device)
         last = (
-            torch.full((n,), self._start, dtype=torch.long, device=self.device)
+            torch.full((n,), self.start_target, dtype=torch.long, device=self.device)
             if prev is None
             else prev.to(self.device).long().reshape(n)
         )

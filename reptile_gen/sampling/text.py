@@ -40,15 +40,16 @@ def generate_text(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
     prompt: str = "",
+    path: str = "auto",
 ) -> list[str]:
     """``num_samples`` texts from a text checkpoint, each starting with ``prompt``.
 
     The prompt's bytes are fed first at positions ``0..len-1`` (teacher-forced, exactly
     like training), then bytes are drawn until the end token (NUL) or ``max_len``. The
-    returned texts include the prompt.
+    returned texts include the prompt. ``path``: the sampler's (:class:`OnlineSampler`).
     """
     num_samples = check_num_samples(num_samples)
-    sampler = OnlineSampler(module, temperature)
+    sampler = OnlineSampler(module, temperature, path)
     max_len = _text_max_len(module)
     data = encode_prompt(prompt, max_len)
     x = torch.arange(max_len).expand(num_samples, -1)

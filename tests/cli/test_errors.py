@@ -227,6 +227,7 @@ CASES = [
     ),
     ("sample_complete", "sample", ["ckpt_path={missing}", "complete=bogus"], "complete="),
     ("sample_num_0", "sample", ["ckpt_path={missing}", "num_samples=0"], "num_samples=0"),
+    ("sample_path", "sample", ["ckpt_path={missing}", "path=dense"], "path='dense'"),
     ("sample_missing", "sample", ["ckpt_path={missing}"], "ckpt_path="),
     ("sample_truncated", "sample", ["ckpt_path={truncated_ckpt}"], "ckpt_path="),
 ]

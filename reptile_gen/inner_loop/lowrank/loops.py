@@ -53,43 +53,58 @@ class RunLoops:
         for i in steps:
             if snapshots is not None and i in snapshots:
                 snapshots[i] = [p.clone() for p in small]
-            step = self.steps[i]
-            rows = self._rows(i)
-            scales, small_rates = env.at(i)
-            n = self.active[i]  # the tasks [n:] have only padding left: no-op steps
-            elements = torch.zeros(0, self.width, dtype=self.dtype, device=self.device)
-            if n:
-                x, y, m = (t[:n] for t in self.step_data(step))
-                dense.before_step(rows, n)
-                pieces = dense.pieces(rows, n)
-                part = [p[:n] for p in small] if n < b else small
-                if self.fast is not None and not keep_graph:
-                    g_small, deltas, elements, inputs = self.fast.step(env, part, pieces, x, y, m)
-                else:
-                    g_small, deltas, elements, inputs = self.step(
-                        env, part, pieces, x, y, m, keep_graph, False
-                    )
-                written = zip(writers, rows, self.sites, inputs, deltas, scales)
-                for (wa, wd), r, s, a, d, c in written:
-                    wa[:n, r : r + s.rows] = a.detach()
-                    wd[:n, r : r + s.rows] = scale_rows(d, c, s, a).detach()
-                if in_place:
-                    for p, g, rate in zip(small, g_small, small_rates):
-                        sgd_step(p[:n], g, rate, "inplace")
-                else:
-                    small = [
-                        update_prefix(p, g.detach(), rate, n)
-                        for p, g, rate in zip(small, g_small, small_rates)
-                    ]
-            elements = pad_tasks(elements, b)
-            outs.add(self, step, elements)
+            small, elements = self.buffered_step(
+                i, env, small, writers, dense, keep_graph, in_place
+            )
+            outs.add(self, self.steps[i], elements)
             if outs.track_query:
                 self.idle_tails(history, i + 1, since=i)
-                upto = [r + s.rows for r, s in zip(rows, self.sites)]
+                upto = [r + s.rows for r, s in zip(self._rows(i), self.sites)]
                 outs.queries.append(self.query_loss(env, small, dense.pieces(upto, b)))
         if tails and steps:
             self.idle_tails(history, steps[-1] + 1)
         return small
+
+    def buffered_step(
+        self, i, env, small, writers, dense, keep_graph, in_place, data=None, choose=None
+    ):
+        """Step ``i`` of :meth:`buffered` on the tasks still active: it reads the history
+        before it (``dense``, a :class:`~.fold.DenseHistory`), writes its rows through
+        ``writers`` (per site, the ``(A, D)`` buffers) and updates the small parameters
+        (in place, or as new tensors). ``data``: the step's ``(x, y, m)`` of the active
+        tasks (None: the run's support set); ``choose``: see :meth:`step`. Returns the
+        small parameters and the ``[B, width]`` element losses."""
+        step = self.steps[i]
+        rows = self._rows(i)
+        scales, small_rates = env.at(i)
+        n = self.active[i]  # the tasks [n:] have only padding left: no-op steps
+        elements = torch.zeros(0, self.width, dtype=self.dtype, device=self.device)
+        if n:
+            x, y, m = (t[:n] for t in self.step_data(step)) if data is None else data
+            dense.before_step(rows, n)
+            pieces = dense.pieces(rows, n)
+            part = [p[:n] for p in small] if n < self.num_tasks else small
+            if self.fast is not None and not keep_graph:
+                g_small, deltas, elements, inputs = self.fast.step(
+                    env, part, pieces, x, y, m, choose
+                )
+            else:
+                g_small, deltas, elements, inputs = self.step(
+                    env, part, pieces, x, y, m, keep_graph, False, choose
+                )
+            written = zip(writers, rows, self.sites, inputs, deltas, scales)
+            for (wa, wd), r, s, a, d, c in written:
+                wa[:n, r : r + s.rows] = a.detach()
+                wd[:n, r : r + s.rows] = scale_rows(d, c, s, a).detach()
+            if in_place:
+                for p, g, rate in zip(small, g_small, small_rates):
+                    sgd_step(p[:n], g, rate, "inplace")
+            else:
+                small = [
+                    update_prefix(p, g.detach(), rate, n)
+                    for p, g, rate in zip(small, g_small, small_rates)
+                ]
+        return small, pad_tasks(elements, self.num_tasks)
 
     def with_graph(self, env, small, base, steps, block, outs):
         """Run ``steps`` with history rows that carry the graph (second-order). ``base``:

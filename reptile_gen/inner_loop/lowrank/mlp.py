@@ -21,12 +21,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import vmap
 from torch.profiler import record_function
 
 from reptile_gen.inner_loop.core import sgd_step
 from reptile_gen.inner_loop.core.layers import Activation, Embeddings, Identity, Linear
 from reptile_gen.inner_loop.core.model_plan import compile_model
+from reptile_gen.inner_loop.lowrank.state import step_losses
 from reptile_gen.models import SequenceModel
 
 __all__ = ["MLPStepper", "mlp_stepper"]
@@ -139,9 +139,9 @@ class MLPStepper:
         return g
 
     @torch.no_grad()
-    def step(self, env, small, pieces, x, y, m):
+    def step(self, env, small, pieces, x, y, m, choose=None):
         """``(small grads, deltas, elements, inputs)`` as :meth:`.run.Run.step` returns them
-        with ``keep_graph=False`` (everything detached)."""
+        with ``keep_graph=False`` (everything detached); ``choose`` as there."""
         if self.run.engine.on_step is not None:
             self.run.engine.on_step("fast", x.shape[0])
         run, n = self.run, x.shape[0]
@@ -150,7 +150,7 @@ class MLPStepper:
         with record_function("lowrank.forward"):
             h, acts = self._forward(env, small, pieces, x, n, inputs)
         with record_function("lowrank.probe_grads"):
-            g, weighted = self._loss_grad(h, y, m, n)
+            g, weighted = self._loss_grad(h, y, m, n, choose)
         with record_function("lowrank.step_backward"):
             g_small = self._backward(env, small, pieces, g, acts, inputs, deltas)
         return g_small, deltas, weighted.detach(), inputs
@@ -189,20 +189,17 @@ class MLPStepper:
                 h = z
         return h, acts
 
-    def _loss_grad(self, h, y, m, n):
+    def _loss_grad(self, h, y, m, n, choose=None):
         """The element losses (masked) and the loss gradient at the logits, per task
         under ``vmap`` as in the general step."""
         run = self.run
         out_shape = run.sites[self.layers[-1].site].probe_shape
         logits = h.reshape(n, *out_shape)
+        if choose is not None:
+            y, m = choose(logits.detach(), y, m)
         with torch.enable_grad():
             logits.requires_grad_(True)
-            elements = vmap(run.loss_fn)(logits, y)
-            mask = m.to(elements.dtype)
-            dims = tuple(range(1, elements.dim()))
-            count = mask.sum(dims).clamp(min=1.0) if dims else mask.clamp(min=1.0)
-            weighted = elements * mask
-            losses = weighted.sum(dims) / count if dims else weighted / count
+            losses, weighted = step_losses(run.loss_fn, logits, y, m)
             (g,) = torch.autograd.grad(losses.sum(), logits)
         return g.reshape(n, self.rows, -1), weighted
 

@@ -15,13 +15,12 @@ from reptile_gen.inner_loop.core import (
     first_order_before,
     first_visit,
     last_active_step,
-    masked_mean,
     num_segments,
 )
 from reptile_gen.inner_loop.lowrank.loops import RunLoops
 from reptile_gen.inner_loop.lowrank.mlp import mlp_stepper
 from reptile_gen.inner_loop.lowrank.sites import Tape, candidate_sites
-from reptile_gen.inner_loop.lowrank.state import Env, Step, pad_to
+from reptile_gen.inner_loop.lowrank.state import Env, Step, pad_to, step_losses
 
 __all__ = ["Run"]
 
@@ -182,7 +181,9 @@ class Run(RunLoops):
         return [step_index * s.rows for s in self.sites]
 
     # -------------------------------------------------------------- vmapped pieces
-    def step(self, env: Env, small, pieces, x, y, m, keep_graph: bool, differentiable: bool):
+    def step(
+        self, env: Env, small, pieces, x, y, m, keep_graph: bool, differentiable: bool, choose=None
+    ):
         """One inner step of every task: ``(small grads, deltas, elements, inputs)``,
         batched over tasks (deltas ``[B, rows, out]``, inputs ``[B, rows, in]``).
 
@@ -196,6 +197,10 @@ class Run(RunLoops):
             keep_graph: the losses and inputs keep their graph to the initial parameters
                 (first- and second-order runs); otherwise everything returned is detached.
             differentiable: the gradients themselves carry a graph (second order).
+            choose: None, or ``choose(logits, y, m) -> (y, m)`` called between the forward
+                pass and the loss with the step's detached model outputs ``[B, ...]``: the
+                targets and mask the step then trains on (sampling draws them, see
+                :class:`~reptile_gen.inner_loop.lowrank.online.OnlineRun`).
         """
         if self.engine.on_step is not None:
             self.engine.on_step("general", x.shape[0])
@@ -218,19 +223,20 @@ class Run(RunLoops):
                     site_pieces.append(tuple(rest[k : k + n]))
                     k += n
                 pieces_t.append(site_pieces)
-            probes_t, (x_t, y_t, m_t) = rest[k:-3], rest[-3:]
+            probes_t, x_t = rest[k:-1], rest[-1]
             tape = Tape(pieces_t, env.site_rates, probes_t)
             out = self._call(tape, self._params(env, small_t), x_t)
-            elements = self.loss_fn(out, y_t)
-            loss = masked_mean(elements, m_t)
-            return (loss, elements * m_t.to(elements.dtype), *tape.inputs)
+            return (out, *tape.inputs)
 
         flat_pieces = [t for site_pieces in pieces for pair in site_pieces for t in pair]
         with torch.enable_grad():
             with record_function("lowrank.forward"):
-                losses, elements, *inputs = vmap(one_task, randomness="different")(
-                    *small, *flat_pieces, *probes, x, y, m
+                out, *inputs = vmap(one_task, randomness="different")(
+                    *small, *flat_pieces, *probes, x
                 )
+                if choose is not None:
+                    y, m = choose(out.detach(), y, m)
+                losses, elements = step_losses(self.loss_fn, out, y, m)
             with record_function("lowrank.probe_grads"):
                 grads = torch.autograd.grad(
                     losses.sum(),

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.func import vmap
 
 from reptile_gen.inner_loop.core import sgd_step
 
-__all__ = ["Env", "Step", "pad_tasks", "pad_to", "scale_rows", "update_prefix"]
+__all__ = ["Env", "Step", "pad_tasks", "pad_to", "scale_rows", "step_losses", "update_prefix"]
 
 
 @dataclass(frozen=True)
@@ -101,3 +102,17 @@ def pad_to(t: torch.Tensor, length: int) -> torch.Tensor:
     if missing <= 0:
         return t
     return torch.cat([t, t.new_zeros((t.shape[0], missing, *t.shape[2:]))], 1)
+
+
+def step_losses(loss_fn, out: torch.Tensor, y: torch.Tensor, m: torch.Tensor):
+    """``(losses [B], elements [B, k])`` of one step from the tasks' model outputs ``out``:
+    each element's loss (``loss_fn`` per task) times the mask ``m``, and each task's step
+    loss, their mean over its real elements (0 when it has none: a padded step neither
+    adds loss nor moves the parameters)."""
+    elements = vmap(loss_fn)(out, y)
+    mask = m.to(elements.dtype)
+    dims = tuple(range(1, elements.dim()))
+    weighted = elements * mask
+    if not dims:
+        return weighted / mask.clamp(min=1.0), weighted
+    return weighted.sum(dims) / mask.sum(dims).clamp(min=1.0), weighted
