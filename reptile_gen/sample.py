@@ -46,9 +46,9 @@ def check_options(cfg: DictConfig) -> dict:
     """The sampling options of the sample app's config, checked (clear errors)."""
     from reptile_gen.sampling import (
         COMPLETE_KINDS,
-        SAMPLING_PATHS,
         SamplingError,
         check_num_samples,
+        check_path,
         check_temperature,
     )
 
@@ -70,12 +70,7 @@ def check_options(cfg: DictConfig) -> dict:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise SamplingError(f"seed={seed!r}; must be an integer")
     prompt = cfg.get("prompt")
-    path = cfg.get("path", "auto")
-    if path not in SAMPLING_PATHS:
-        raise SamplingError(
-            f"path={path!r}; allowed: {', '.join(SAMPLING_PATHS)} (how the samples' inner "
-            "loops are held)"
-        )
+    path = check_path(cfg.get("path", "auto"))
     return {
         "num_samples": check_num_samples(cfg.get("num_samples", 16)),
         "temperature": check_temperature(cfg.get("temperature", 1.0)),

@@ -11,6 +11,7 @@ __all__ = [
     "SAMPLING_PATHS",
     "SamplingError",
     "check_num_samples",
+    "check_path",
     "check_sampleable",
     "check_temperature",
     "sampling_path",
@@ -107,6 +108,17 @@ def check_num_samples(num_samples) -> int:
     return num_samples
 
 
+def check_path(path) -> str:
+    """``path`` (the sampler's, the sample app's ``path=``) if it is one of
+    :data:`SAMPLING_PATHS` (a clear error otherwise)."""
+    if path not in SAMPLING_PATHS:
+        raise SamplingError(
+            f"path={path!r}; allowed: {', '.join(SAMPLING_PATHS)} (how the samples' inner "
+            "loops are held)"
+        )
+    return path
+
+
 def _lowrank_refusal(module) -> str | None:
     """Why the low-rank path cannot replay ``module``'s inner loop (None: it can)."""
     learned = module.inner_lr.learned
@@ -138,9 +150,7 @@ def sampling_path(module, path: str = "auto") -> str:
     docs/benchmarks.md); ``weights`` otherwise. ``lowrank`` that the module cannot take is
     a clear :class:`SamplingError` naming ``path=weights``.
     """
-    if path not in SAMPLING_PATHS:
-        raise SamplingError(f"path={path!r}; allowed: {', '.join(SAMPLING_PATHS)}")
-    if path == "weights":
+    if check_path(path) == "weights":
         return path
     refusal = _lowrank_refusal(module)
     if refusal is None:
