@@ -7,7 +7,7 @@ sequence's history of rank-one updates (folded into a dense per-sequence delta w
 reads less, :class:`~.fold.DenseHistory`), ``choose`` picks the targets (draws them), and
 the step appends its rows to the history. So the sampled sequences follow the dynamics of
 ``engine=lowrank`` exactly, with the rates of the core (fixed, scheduled, learned scalar,
-per-tensor and per-step).
+per-tensor, per-unit and per-step).
 """
 
 from __future__ import annotations
