@@ -73,50 +73,56 @@ def _first_bad(values: torch.Tensor) -> tuple[list[int], int | None, float]:
 
 
 class DivergenceGuard:
-    """Collects the first non-finite value of a meta-step and raises it as
-    :class:`Diverged` at :meth:`check_before_step`.
+    """Collects the losses of a meta-step and raises the first non-finite one (or a
+    non-finite meta-gradient) as :class:`Diverged` at :meth:`check_before_step`.
 
-    ``enabled=False`` turns every check off (for a deliberate experiment with
-    non-finite losses)."""
+    The losses are kept (detached) until then and checked together with the
+    meta-gradient in one pass, so a healthy step costs one finiteness test, not one per
+    loss and parameter. ``enabled=False`` turns every check off (for a deliberate
+    experiment with non-finite losses)."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
-        self._problem: tuple[str, str] | None = None
+        self._losses: list[tuple[str, torch.Tensor]] = []
 
     def reset(self) -> None:
-        self._problem = None
+        self._losses = []
 
     def check_losses(self, what: str, losses: torch.Tensor | None, task_offset: int = 0) -> None:
-        """Record ``losses`` (inner losses ``[B, T]`` or a scalar meta-loss) when any is
-        non-finite and nothing was recorded earlier in this meta-step."""
-        if not self.enabled or self._problem is not None or losses is None:
-            return
-        if bool(torch.isfinite(losses.detach()).all()):
-            return
-        tasks, step, value = _first_bad(losses)
-        if losses.dim() >= 2:
-            shown = tasks[:8] + (["..."] if len(tasks) > 8 else [])
-            where = f"at inner step {step} " if losses.shape[1] > 1 else ""
-            detail = f"{value} {where}of tasks {shown} (of this rank's meta-batch)"
-        else:
-            detail = f"value {value}"
-        self._problem = (what, detail)
+        """Keep ``losses`` (inner losses ``[B, T]`` or a scalar meta-loss) for the test at
+        :meth:`check_before_step`."""
+        if self.enabled and losses is not None:
+            self._losses.append((what, losses.detach()))
+
+    def first_problem(self) -> tuple[str, str] | None:
+        """``(what, detail)`` of the first non-finite loss kept so far, or None."""
+        for what, losses in self._losses:
+            if bool(torch.isfinite(losses).all()):
+                continue
+            tasks, step, value = _first_bad(losses)
+            if losses.dim() >= 2:
+                shown = tasks[:8] + (["..."] if len(tasks) > 8 else [])
+                where = f"at inner step {step} " if losses.shape[1] > 1 else ""
+                return what, f"{value} {where}of tasks {shown} (of this rank's meta-batch)"
+            return what, f"value {value}"
+        return None
 
     def check_before_step(
         self, named_parameters: Iterable[tuple[str, torch.Tensor]], meta_step: int, rates
     ) -> None:
-        """Raise :class:`Diverged` when this meta-step recorded a non-finite loss or its
+        """Raise :class:`Diverged` when this meta-step kept a non-finite loss or its
         meta-gradient (``.grad`` of the parameters) is non-finite; then start afresh."""
         if not self.enabled:
             return
-        problem, self._problem = self._problem, None
+        losses, self._losses = self._losses, []
+        grads = [(n, p.grad) for n, p in named_parameters if p.grad is not None]
+        flat = [t.reshape(-1) for _, t in losses] + [g.reshape(-1) for _, g in grads]
+        if not flat or bool(torch.isfinite(torch.cat(flat)).all()):
+            return
+        self._losses = losses
+        problem = self.first_problem()
+        self._losses = []
         if problem is None:
-            grads = [(n, p.grad) for n, p in named_parameters if p.grad is not None]
-            if not grads:
-                return
-            finite = torch.stack([torch.isfinite(g).all() for _, g in grads]).all()
-            if bool(finite):
-                return
             names = [n for n, g in grads if not bool(torch.isfinite(g).all())]
             problem = ("meta-gradient", f"in {', '.join(names[:4])}")
         raise Diverged(problem[0], meta_step, problem[1], describe_rates(rates))
