@@ -63,7 +63,12 @@ def run_baseline(cfg: DictConfig, metrics: dict, train_fn) -> dict:
     baseline_cfg = compose_run_config(overrides)
     with open_dict(baseline_cfg):
         # the very same lines, split and test lines as the main run
+        own_input = baseline_cfg.task.get("prev_input", False)
         baseline_cfg.task = OmegaConf.create(OmegaConf.to_container(cfg.task, resolve=True))
+        if "prev_input" in baseline_cfg.task:
+            # what the model reads is the baseline's own choice (the LSTM always feeds
+            # the previous element back and refuses the option), not the lines
+            baseline_cfg.task.prev_input = own_input
         baseline_cfg.paths.output_dir = str(Path(cfg.paths.output_dir) / "baseline")
         baseline_cfg.baseline = None
     return train_fn(baseline_cfg)

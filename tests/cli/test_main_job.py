@@ -42,6 +42,9 @@ def test_main_job_prints_the_comparison_and_both_samples(tmp_path):
     # the same six test lines for both
     assert metrics["test/num_sequences"] == baseline["test/num_sequences"] == 6
     assert metrics["baseline/steps"] >= 1
+    # the meta-learner reads (position, previous byte); the LSTM baseline, which always
+    # feeds the previous byte back, keeps its own input on the same lines
+    assert "prev_input: true" in (run / ".hydra" / "config.yaml").read_text()
 
     trained = (run / "samples.txt").read_text(encoding="utf-8").splitlines()
     untrained = (run / "samples_untrained.txt").read_text(encoding="utf-8").splitlines()
