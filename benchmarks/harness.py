@@ -6,6 +6,9 @@ RSS it reports belongs to that entry alone.
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import math
 import resource
 import sys
 import time
@@ -19,6 +22,24 @@ from benchmarks.workloads import Workload
 __all__ = ["CONF_DIR", "compose", "build", "time_meta_steps", "check_gradients", "rss_mb"]
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+#: where the benchmark scripts write their JSON unless given ``--out``
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def write_report(report: dict, out: Path | None, prefix: str) -> Path:
+    """Write ``report`` as strict JSON (a non-finite float in its ``entries`` becomes null)
+    to ``out``, or to ``benchmarks/results/<prefix>-<time>.json``; print and return the path."""
+    for entry in report.get("entries", []):
+        for k, v in entry.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                entry[k] = None
+    out = out or RESULTS_DIR / f"{prefix}-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    print(f"wrote {out}")
+    return out
 
 
 def rss_mb() -> dict[str, float]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import os
 import subprocess
 import sys
@@ -40,10 +39,9 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from benchmarks.harness import compose
+from benchmarks.harness import compose, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = ROOT / "benchmarks" / "results"
 
 #: name -> (overrides, steps of the fit run): the issue's three tasks, each as a user runs it
 WORKLOADS: dict[str, tuple[tuple[str, ...], int]] = {
@@ -210,14 +208,7 @@ def main(argv=None) -> dict:
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "entries": entries,
     }
-    for entry in entries:  # strict JSON
-        for k, v in entry.items():
-            if isinstance(v, float) and not math.isfinite(v):
-                entry[k] = None
-    out = args.out or RESULTS_DIR / f"loop-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    print(f"wrote {out}")
+    write_report(report, args.out, "loop")
     return report
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import os
 import sys
 import time
@@ -38,9 +37,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import compose, rss_mb
+from benchmarks.harness import compose, rss_mb, write_report
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 #: the image workload: the original's MNIST settings
 BASE = ("experiment=mnist_reptile", "logger=none")
 #: ``--quick``: the 8x8 digits task and a small MLP (seconds), for the benchmark tests
@@ -185,14 +183,7 @@ def main(argv=None) -> dict:
         "load_average_after": _load(),
         "entries": entries,
     }
-    for entry in entries:  # strict JSON: no NaN or infinity
-        for k, v in entry.items():
-            if isinstance(v, float) and not math.isfinite(v):
-                entry[k] = None
-    out = args.out or RESULTS_DIR / f"sampling-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    print(f"wrote {out}")
+    write_report(report, args.out, "sampling")
     return report
 
 
