@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import CONF_DIR, TINY, compose_config
+from omegaconf import OmegaConf
 from test_cli import check, run_cli
 
 #: adaptation steps scored in training and in the robustness evaluation
@@ -49,6 +50,9 @@ ARCH_STUDIES = {"text_arch_*": "listing", "mnist14_arch_*": "mnist14_maml"}
 STUDY_BUDGET = {"text_arch_*": "00:00:02:00", "mnist14_arch_*": "00:00:04:00"}
 #: and whether its MAML is first order (text: second order does not fit the budget)
 FIRST_ORDER = {"text_arch_*": True, "mnist14_arch_*": False}
+#: and where its task differs from that experiment's (text: the original's input, the
+#: position alone, where the main job also reads the previous byte)
+TASK_CHANGES = {"text_arch_*": {"prev_input": False}, "mnist14_arch_*": {}}
 BODIES = {"MLP", "GatedMLP", "LSTMBlockStack"}
 ALGORITHMS = {"MAML", "Reptile"}
 
@@ -68,7 +72,10 @@ def test_an_arch_study_varies_only_the_network_and_the_algorithm(tmp_path, patte
     for name in STUDIES[pattern]:
         cfg = compose_config([f"experiment={name}"], tmp_path / name, tiny=False)
         assert cfg.task_name == name
-        assert cfg.task == base.task
+        assert OmegaConf.to_container(cfg.task) == {
+            **OmegaConf.to_container(base.task),
+            **TASK_CHANGES[pattern],
+        }
         assert cfg.model.embedding_dim == base.model.embedding_dim
         assert cfg.model.body.hidden_sizes == base.model.body.hidden_sizes
         assert cfg.algorithm.inner_lr == base.algorithm.inner_lr
