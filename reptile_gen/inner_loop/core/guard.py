@@ -72,6 +72,21 @@ def _first_bad(values: torch.Tensor) -> tuple[list[int], int | None, float]:
     return tasks, first, value
 
 
+def _first_bad_loss(kept: list[tuple[str, torch.Tensor]]) -> tuple[str, str] | None:
+    """``(what, detail)`` of the first non-finite entry of ``kept`` (``(what, losses)``
+    pairs, inner losses ``[B, T]`` or a scalar), or None."""
+    for what, losses in kept:
+        if bool(torch.isfinite(losses).all()):
+            continue
+        tasks, step, value = _first_bad(losses)
+        if losses.dim() >= 2:
+            shown = tasks[:8] + (["..."] if len(tasks) > 8 else [])
+            where = f"at inner step {step} " if losses.shape[1] > 1 else ""
+            return what, f"{value} {where}of tasks {shown} (of this rank's meta-batch)"
+        return what, f"value {value}"
+    return None
+
+
 class DivergenceGuard:
     """Collects the losses of a meta-step and raises the first non-finite one (or a
     non-finite meta-gradient) as :class:`Diverged` at :meth:`check_before_step`.
@@ -94,19 +109,6 @@ class DivergenceGuard:
         if self.enabled and losses is not None:
             self._losses.append((what, losses.detach()))
 
-    def first_problem(self) -> tuple[str, str] | None:
-        """``(what, detail)`` of the first non-finite loss kept so far, or None."""
-        for what, losses in self._losses:
-            if bool(torch.isfinite(losses).all()):
-                continue
-            tasks, step, value = _first_bad(losses)
-            if losses.dim() >= 2:
-                shown = tasks[:8] + (["..."] if len(tasks) > 8 else [])
-                where = f"at inner step {step} " if losses.shape[1] > 1 else ""
-                return what, f"{value} {where}of tasks {shown} (of this rank's meta-batch)"
-            return what, f"value {value}"
-        return None
-
     def check_before_step(
         self, named_parameters: Iterable[tuple[str, torch.Tensor]], meta_step: int, rates
     ) -> None:
@@ -119,9 +121,7 @@ class DivergenceGuard:
         flat = [t.reshape(-1) for _, t in losses] + [g.reshape(-1) for _, g in grads]
         if not flat or bool(torch.isfinite(torch.cat(flat)).all()):
             return
-        self._losses = losses
-        problem = self.first_problem()
-        self._losses = []
+        problem = _first_bad_loss(losses)
         if problem is None:
             names = [n for n, g in grads if not bool(torch.isfinite(g).all())]
             problem = ("meta-gradient", f"in {', '.join(names[:4])}")
