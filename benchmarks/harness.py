@@ -19,7 +19,17 @@ import torch
 
 from benchmarks.workloads import Workload
 
-__all__ = ["CONF_DIR", "compose", "build", "time_meta_steps", "check_gradients", "rss_mb"]
+__all__ = [
+    "CONF_DIR",
+    "compose",
+    "build",
+    "optimizer_and_scheduler",
+    "meta_step",
+    "time_meta_steps",
+    "check_gradients",
+    "rss_mb",
+    "write_report",
+]
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -88,7 +98,7 @@ def build(workload: Workload, engine: str, extra: list[str] = (), device: str = 
     return module, datamodule, meta_loss
 
 
-def _optimizer_and_scheduler(module):
+def optimizer_and_scheduler(module):
     """What ``configure_optimizers`` returns, as (optimizer, scheduler or None)."""
     configured = module.configure_optimizers()
     if isinstance(configured, dict):
@@ -97,6 +107,23 @@ def _optimizer_and_scheduler(module):
             scheduler = scheduler["scheduler"]
         return configured["optimizer"], scheduler
     return configured, None
+
+
+def meta_step(meta_loss, optimizer, scheduler=None):
+    """One outer step as the module's training loop takes it, as a function of a batch:
+    ``zero_grad``, ``meta_loss``, ``backward``, the optimizer's step and the scheduler's
+    (if any); it returns the meta-loss."""
+
+    def step(batch):
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = meta_loss(batch)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        return loss
+
+    return step
 
 
 def _batches(workload, datamodule, module, count: int, seed: int, device: str, source=None):
@@ -140,7 +167,7 @@ def time_meta_steps(
     from benchmarks.costs import meta_step_cost
 
     module, datamodule, meta_loss = build(workload, engine, device=device)
-    optimizer, scheduler = _optimizer_and_scheduler(module)
+    optimizer, scheduler = optimizer_and_scheduler(module)
     source = workload.quick_batches if quick and workload.quick_batches is not None else None
     batches = _batches(workload, datamodule, module, num_batches, seed, device, source)
     tasks_per_step = batches[0].num_tasks
@@ -148,15 +175,7 @@ def time_meta_steps(
         torch.cuda.reset_peak_memory_stats()
     baseline = rss_mb()
 
-    def step(batch):
-        optimizer.zero_grad(set_to_none=True)
-        loss, _ = meta_loss(batch)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        return loss
-
+    step = meta_step(meta_loss, optimizer, scheduler)
     # the first step pays one-off costs (torch.compile's compilation, allocator warm-up):
     # reported on its own, never in the median
     first_step_s = None

@@ -39,7 +39,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from benchmarks.harness import compose, write_report
+from benchmarks.harness import compose, meta_step, optimizer_and_scheduler, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ class StepTimer(pl.Callback):
         Path(self.out).write_text(json.dumps({"starts": self.starts}))
 
 
-def bare_step_times(overrides: list[str], steps: int, warmup: int, seed: int = 0) -> list[float]:
+def bare_step_times(overrides: list[str], steps: int, warmup: int) -> list[float]:
     """Seconds of ``steps`` bare meta-steps after ``warmup`` untimed ones (batches of the
     run's own training stream, drawn beforehand)."""
     from reptile_gen.data.streams import step_generator
@@ -87,14 +87,7 @@ def bare_step_times(overrides: list[str], steps: int, warmup: int, seed: int = 0
         )
         for i in range(8)
     ]
-    configured = module.configure_optimizers()
-    optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
-
-    def step(batch):
-        optimizer.zero_grad(set_to_none=True)
-        loss, _ = module.meta_loss(batch)
-        loss.backward()
-        optimizer.step()
+    step = meta_step(module.meta_loss, *optimizer_and_scheduler(module))
 
     for i in range(warmup):
         step(batches[i % len(batches)])
@@ -122,16 +115,14 @@ def fit_run(overrides: list[str], steps: int, threads: int, workdir: Path) -> di
         f"+callbacks.step_timer.out={starts_path}",
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
-    started = time.perf_counter()
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(
             f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
         )
     metrics = json.loads((workdir / "run" / "metrics.json").read_text())
     starts = json.loads(starts_path.read_text())["starts"]
-    return {"command": command[1:], "wall_s": wall, "metrics": metrics, "starts": starts}
+    return {"command": command[1:], "metrics": metrics, "starts": starts}
 
 
 def measure(name: str, overrides: tuple[str, ...], steps: int, threads: int, quick: bool) -> dict:

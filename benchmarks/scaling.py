@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,15 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.harness import _batches, _optimizer_and_scheduler, build
+from benchmarks.harness import _batches, build, meta_step, optimizer_and_scheduler, write_report
 from benchmarks.workloads import WORKLOADS, prefix_batches
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def time_length(workload, engine: str, length: int, repeats: int) -> dict:
     module, datamodule, meta_loss = build(workload, engine)
-    optimizer, _ = _optimizer_and_scheduler(module)
+    optimizer, _ = optimizer_and_scheduler(module)
     source = prefix_batches(length)
     if workload.batches.__name__.startswith("all_positions_real"):
         from benchmarks.original_method import all_positions_real
@@ -37,12 +34,7 @@ def time_length(workload, engine: str, length: int, repeats: int) -> dict:
         source = all_positions_real(source)
     batches = _batches(workload, datamodule, module, repeats + 1, 0, "cpu", source)
 
-    def step(batch):
-        optimizer.zero_grad(set_to_none=True)
-        loss, _ = meta_loss(batch)
-        loss.backward()
-        optimizer.step()
-
+    step = meta_step(meta_loss, optimizer)
     step(batches[0])
     times = []
     for batch in batches[1:]:
@@ -141,14 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 for row in entry["profile"][:8]:
                     print(f"    {row['share']:6.1%}  {row['op']}  ({row['calls']} calls)")
             report["results"].append(entry)
-    out = (
-        Path(args.out)
-        if args.out
-        else RESULTS_DIR / (f"scaling-{dt.datetime.now():%Y%m%d-%H%M%S}.json")
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, allow_nan=False))
-    print(f"wrote {out}")
+    write_report(report, Path(args.out) if args.out else None, "scaling")
     return 0
 
 
