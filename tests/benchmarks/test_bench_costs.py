@@ -5,15 +5,12 @@ asserted in tests."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from benchmarks.costs import fractions, meta_step_cost  # noqa: E402
-from benchmarks.harness import _batches, build  # noqa: E402
-from benchmarks.workloads import get  # noqa: E402
+from benchmarks.costs import fractions, meta_step_cost
+from benchmarks.harness import _batches, build
+from benchmarks.workloads import get
 
 
 def test_sine_maml_flops_by_hand():
@@ -59,7 +56,6 @@ def test_bench_times_the_compiled_engine_and_reports_its_compile_time(tmp_path):
     entry holds the first step's cold torch.compile time apart from the median."""
     import json
     import subprocess
-    import sys
 
     from conftest import REPO_ROOT
 

@@ -6,20 +6,16 @@ first-order MAML and second-order MAML with the full unroll and checkpointed, on
 from __future__ import annotations
 
 import functools
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from helpers import assert_all_close, make_batch, make_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from benchmarks.original_method import all_positions_real, original_method_meta_loss  # noqa: E402
-from reptile_gen.algorithms import FOMAML, MAML, Reptile  # noqa: E402
-from reptile_gen.data.task_spec import TaskSpec  # noqa: E402
-from reptile_gen.models import GatedMLP  # noqa: E402
-from reptile_gen.models.shared_state_lstm import SharedStateLSTMStack  # noqa: E402
+from benchmarks.original_method import all_positions_real, original_method_meta_loss
+from reptile_gen.algorithms import FOMAML, MAML, Reptile
+from reptile_gen.data.task_spec import TaskSpec
+from reptile_gen.models import GatedMLP
+from reptile_gen.models.shared_state_lstm import SharedStateLSTMStack
 
 TEXT = TaskSpec("discrete", "classes", input_sizes=(8,), output_dim=5, sequential=True)
 PIXELS = TaskSpec("discrete", "bits", input_sizes=(3, 3), sequential=True)

@@ -5,14 +5,10 @@ is never asserted in tests."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from benchmarks.sampling import main  # noqa: E402
+from benchmarks.sampling import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
